@@ -135,8 +135,8 @@ class Transformer(nn.Module):
         shapes = [tuple(f.shape[-2:]) for f in feats]
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)   # [B,S,D]
         props, valid = encoder_proposals(shapes, memory.device)
-        memory = memory.masked_fill(~valid[:, None], 0.)
-        enc_logits, enc_boxes = map(lambda t: torch.cat(t, dim=1), zip(*[self.select(memory, props, g) for g in range(groups)]))
+        scored = memory.masked_fill(~valid[:, None], 0.)                          # invalid proposals score as blanks
+        enc_logits, enc_boxes = map(lambda t: torch.cat(t, dim=1), zip(*[self.select(scored, props, g) for g in range(groups)]))
         B, n = memory.shape[0], enc_boxes.shape[1]                              # n = K·G
         r = refpoints[:self.num_queries * groups].expand(B, -1, -1)
         ref = torch.cat([apply_box_delta(r[:, :n], enc_boxes.detach()), r[:, n:]], dim=1)  # [B,Q·G,4]

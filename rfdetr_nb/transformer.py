@@ -15,7 +15,7 @@ from .deform_attn import MSDeformAttn
 
 # %% auto #0
 __all__ = ['apply_box_delta', 'MLP', 'sine_embed', 'split_groups', 'merge_groups', 'DecoderLayer', 'Decoder', 'encoder_proposals',
-           'Transformer']
+           'stack_params', 'group_linear', 'Transformer']
 
 # %% ../nbs/04_transformer.ipynb #c006
 def apply_box_delta(delta:torch.Tensor, ref:torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,17 @@ def encoder_proposals(shapes:list[tuple[int, int]], device=None) -> tuple[torch.
     valid = ((props > 0.01) & (props < 0.99)).all(-1)
     return props.masked_fill(~valid[:, None], 0.), valid
 
-# %% ../nbs/04_transformer.ipynb #c021
+# %% ../nbs/04_transformer.ipynb #c022
+def stack_params(mods, name):
+    "Stack parameter `name` of each module in `mods`: `[G, ...]`."
+    return torch.stack([getattr(m, name) for m in mods])
+
+def group_linear(x:torch.Tensor, linears) -> torch.Tensor:
+    "Apply `G` linear layers to their own slices of `x` `[G,...,Din]`: `[G,...,Dout]`."
+    w, b = stack_params(linears, 'weight'), stack_params(linears, 'bias')
+    return torch.baddbmm(b[:, None], x.reshape(x.shape[0], -1, x.shape[-1]), w.transpose(1, 2)).view(*x.shape[:-1], -1)
+
+# %% ../nbs/04_transformer.ipynb #c024
 class Transformer(nn.Module):
     "Two-stage query selection and the deformable decoder."
     def __init__(self, cfg:ModelConfig):
@@ -129,6 +139,23 @@ class Transformer(nn.Module):
         pick = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
         return pick(logits), apply_box_delta(self.enc_out_bbox_embed[g](pick(m)), props[idx])
 
+    def select_groups(self, memory, props, groups):
+        "All groups' selections at once (batched matmuls over stacked group weights): `[B,K·G,C]`, `[B,K·G,4]`."
+        G, K = groups, min(self.num_queries, memory.shape[1])
+        m = group_linear(memory.expand(G, -1, -1, -1), self.enc_output[:G])           # [G,B,S,D]
+        norm = self.enc_output_norm[:G]
+        m = F.layer_norm(m, m.shape[-1:], eps=norm[0].eps) * stack_params(norm, 'weight')[:, None, None] \
+            + stack_params(norm, 'bias')[:, None, None]
+        logits = group_linear(m, self.enc_out_class_embed[:G])                           # [G,B,S,C]
+        idx = logits.max(-1)[0].topk(K, dim=-1)[1]                                       # [G,B,K]
+        pick = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))
+        h, mlps = pick(m), self.enc_out_bbox_embed[:G]
+        for i in range(len(mlps[0].layers)):
+            h = group_linear(h, [mlp.layers[i] for mlp in mlps])
+            if i < len(mlps[0].layers) - 1: h = F.relu(h)
+        merge = lambda t: t.permute(1, 0, 2, 3).flatten(1, 2)                            # [B,G·K,·], group 0 first
+        return merge(pick(logits)), merge(apply_box_delta(h, props[idx]))
+
     def forward(self, feats:list[torch.Tensor], query_feat:torch.Tensor, refpoints:torch.Tensor, groups:int=1,
                 last_only=False):
         "Maps `[B,D,h,w]`·L and the query tables `[Q·G,D]`, `[Q·G,4]` → hs `[L,B,N,D]`, refs `[B,N,4]`, encoder logits and boxes."
@@ -136,7 +163,7 @@ class Transformer(nn.Module):
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)   # [B,S,D]
         props, valid = encoder_proposals(shapes, memory.device)
         scored = memory.masked_fill(~valid[:, None], 0.)                          # invalid proposals score as blanks
-        enc_logits, enc_boxes = map(lambda t: torch.cat(t, dim=1), zip(*[self.select(scored, props, g) for g in range(groups)]))
+        enc_logits, enc_boxes = self.select_groups(scored, props, groups) if groups > 1 else self.select(scored, props, 0)
         B, n = memory.shape[0], enc_boxes.shape[1]                              # n = K·G
         r = refpoints[:self.num_queries * groups].expand(B, -1, -1)
         ref = torch.cat([apply_box_delta(r[:, :n], enc_boxes.detach()), r[:, n:]], dim=1)  # [B,Q·G,4]

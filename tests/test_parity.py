@@ -1,0 +1,62 @@
+"""Parity with the reference rfdetr==1.11.2: same checkpoint in, same numbers out, for every detection variant."""
+import copy
+import pytest
+import torch
+from oracle import reference_model, save_official, exported
+import rfdetr_nb
+from rfdetr_nb.checkpoint import read_checkpoint, checkpoint_state_dict
+
+# total parameters (all 13 groups, 91 logit slots), from the spec's measured table
+PARAMS = dict(nano=30_467_298, small=32_111_170, medium=33_687_458, large=33_933_218, base=32_174_530,
+              large_deprecated=135_637_474)
+API = dict(nano='RFDETRNano', small='RFDETRSmall', medium='RFDETRMedium', large='RFDETRLarge', base='RFDETRBase',
+           large_deprecated='RFDETRLargeDeprecated')
+TOL = 1e-4
+
+def max_diff(a, b): return (a - b).abs().max().item()
+
+def assert_outputs_close(ref, ours):
+    for k in ('pred_logits', 'pred_boxes'):
+        assert max_diff(ref[k], ours[k]) < TOL, k
+        assert max_diff(ref['enc_outputs'][k], ours['enc_outputs'][k]) < TOL, f'enc_outputs.{k}'
+    assert len(ref['aux_outputs']) == len(ours['aux_outputs'])
+    for i, (a, b) in enumerate(zip(ref['aux_outputs'], ours['aux_outputs'])):
+        for k in ('pred_logits', 'pred_boxes'): assert max_diff(a[k], b[k]) < TOL, f'aux_outputs[{i}].{k}'
+
+@pytest.mark.parametrize('variant', list(PARAMS))
+def test_parity(variant, tmp_path):
+    ref, ns = reference_model(variant)
+    path = save_official(ref, ns, tmp_path / f'{variant}.pth')
+    rf = getattr(rfdetr_nb, API[variant])(pretrain_weights=str(path), device='cpu')
+    model = rf.model.model
+    # same keys, same shapes: every tensor of the file lands in the model and nothing is left out
+    sd = checkpoint_state_dict(read_checkpoint(path))
+    assert sorted(sd) == sorted(model.state_dict())
+    assert all(sd[k].shape == v.shape for k, v in model.state_dict().items())
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[variant]
+    res, block = rf.model.resolution, model.cfg.block_size
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for shape in [(res, res), (res - block, res + block)]:      # square and non-square
+            x = torch.randn(1, 3, *shape)
+            assert_outputs_close(ref(x), model(x))
+        x = torch.randn(1, 3, res, res)
+        ref.train(); model.train()                                  # all 13 groups, group-masked self-attention
+        r, o = ref(x), model(x)
+        assert o['pred_logits'].shape == (1, 300 * 13, 91)
+        assert_outputs_close(r, o)
+        ref.eval(); model.eval()
+        rb, rl = exported(ref)(x)                                   # export forward: (boxes, logits)
+        ob, ol = copy.deepcopy(model).export()(x)
+        assert max_diff(rb, ob) < TOL and max_diff(rl, ol) < TOL
+
+def test_parity_few_tokens(tmp_path):
+    "Nano at 224 px: 196 memory tokens < 300 queries (leftover queries use raw learned boxes) in training."
+    ref, ns = reference_model('nano')
+    rf = rfdetr_nb.RFDETRNano(pretrain_weights=str(save_official(ref, ns, tmp_path / 'n.pth')), device='cpu')
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref.train(); rf.model.model.train()
+        r, o = ref(x), rf.model.model(x)
+    assert o['enc_outputs']['pred_boxes'].shape == (2, 196 * 13, 4)
+    assert_outputs_close(r, o)

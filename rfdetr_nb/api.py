@@ -124,9 +124,14 @@ class RFDETR:
         return cls(**kwargs)
 
     @property
-    def class_names(self) -> dict[int, str]:
+    def class_id_names(self) -> dict[int, str]:
         "Class id → name for this model's predictions."
         return class_name_map(self.model.class_names, self.model.model.cfg.num_classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        "The class names in id order (COCO models: the 80 COCO names)."
+        return list(self.class_id_names.values())
 
 # %% ../nbs/08_api.ipynb #c018
 def _variant_api(name, cfg_cls):
@@ -161,7 +166,7 @@ def _predict(self:RFDETR, images, threshold:float=0.5, shape=None, include_sourc
     shape = check_shape(shape, m.model.cfg.block_size) if shape is not None else (m.resolution, m.resolution)
     batch = preprocess([t.to(m.device) for t in tensors], shape)
     results = m.postprocess(m.model(batch), torch.tensor([t.shape[-2:] for t in tensors], device=m.device))
-    names = self.class_names
+    names = self.class_id_names
     dets = [to_detections(r, names, threshold, np.asarray(s) if include_source_image and not isinstance(s, (str, Path)) else
                           (str(s) if include_source_image else None)) for r, s in zip(results, srcs)]
     return dets[0] if single else dets

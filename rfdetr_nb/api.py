@@ -62,7 +62,7 @@ def to_tensor01(img) -> torch.Tensor:
     if isinstance(img, np.ndarray):
         if img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"Expected an H×W×3 RGB array, got shape {img.shape}.")
-        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        t = torch.from_numpy(np.array(img)).permute(2, 0, 1)   # a writable copy
         t = t.float() / 255 if img.dtype == np.uint8 else t.float()
     elif isinstance(img, torch.Tensor):
         if img.ndim != 3 or img.shape[0] != 3:

@@ -1,0 +1,16 @@
+"""Write README.md from nbs/index.ipynb (what `nbdev-readme` does with Quarto, which these machines cannot install)."""
+import json
+from pathlib import Path
+
+root = Path(__file__).resolve().parent.parent
+cells = json.loads((root / 'nbs' / 'index.ipynb').read_text())['cells']
+parts = []
+for c in cells:
+    src = ''.join(c['source'])
+    if c['cell_type'] == 'markdown': parts.append(src)
+    else:
+        lines = [l for l in src.splitlines() if not l.startswith('#|')]
+        if lines: parts.append('```python\n' + '\n'.join(lines) + '\n```')
+readme = '\n\n'.join(parts) + '\n'
+readme = readme.replace('\n> ', '\n', 1) if readme.startswith('# ') else readme
+(root / 'README.md').write_text('<!-- Generated from nbs/index.ipynb by .ci/readme.py (or nbdev-readme); do not edit. -->\n\n' + readme)

@@ -53,15 +53,18 @@ class MSDeformAttn(nn.Module):
         nn.init.zeros_(self.attention_weights.weight); nn.init.zeros_(self.attention_weights.bias)
         for lin in (self.value_proj, self.output_proj): nn.init.xavier_uniform_(lin.weight); nn.init.zeros_(lin.bias)
 
-    def forward(self, query, reference, value, shapes, padding_mask=None):
-        "`query` `[B,Q,D]`, `reference` boxes `[B,Q,L or 1,4]`, `value` `[B,S,D]`, `shapes` [(h,w)]·L → `[B,Q,D]`."
+    def sampling(self, query, reference):
+        "Where each query looks and how much: locations `[B,Q,H,L,P,2]` in [0,1] (x, y) and weights `[B,Q,H,L,P]`."
         B, Q, _ = query.shape
         H, L, P = self.n_heads, self.n_levels, self.n_points
-        v = self.value_proj(value)
-        if padding_mask is not None: v = v.masked_fill(padding_mask[..., None], 0.)
-        v = v.view(B, v.shape[1], H, -1)                                                # [B,S,H,d]
         off = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
         attn = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
         ref = reference[:, :, None, :, None]                                            # [B,Q,1,L,1,4]
-        loc = ref[..., :2] + off / P * ref[..., 2:] * 0.5                               # [B,Q,H,L,P,2]
-        return self.output_proj(ms_deform_attn_core(v, shapes, loc, attn))
+        return ref[..., :2] + off / P * ref[..., 2:] * 0.5, attn
+
+    def forward(self, query, reference, value, shapes, padding_mask=None):
+        "`query` `[B,Q,D]`, `reference` boxes `[B,Q,L or 1,4]`, `value` `[B,S,D]`, `shapes` [(h,w)]·L → `[B,Q,D]`."
+        v = self.value_proj(value)
+        if padding_mask is not None: v = v.masked_fill(padding_mask[..., None], 0.)
+        v = v.view(*v.shape[:2], self.n_heads, -1)                                      # [B,S,H,d]
+        return self.output_proj(ms_deform_attn_core(v, shapes, *self.sampling(query, reference)))

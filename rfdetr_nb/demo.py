@@ -10,13 +10,13 @@ import sys, tempfile
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
-import supervision as sv
 from fastcore.script import call_parse
 import rfdetr_nb
 from .benchmark import random_checkpoint, _REF_CLASSES
+from .viz import annotate
 
 # %% auto #0
-__all__ = ['demo_image', 'demo_weights', 'annotate', 'main']
+__all__ = ['demo_image', 'demo_weights', 'main']
 
 # %% ../nbs/10_demo.ipynb #c005
 def demo_image(width:int=640, height:int=480, seed:int=0) -> Image.Image:
@@ -44,12 +44,6 @@ def demo_weights(model:str, weights:str|None, tmp:Path) -> tuple[str, bool]:
     except ConnectionError as e:
         print(f"{e}\nContinuing with random weights: the pipeline runs, the detections are meaningless.")
         return str(random_checkpoint(size, tmp / 'random.pth')), False
-
-def annotate(image:Image.Image, det:sv.Detections) -> Image.Image:
-    "Draw boxes and `name score` labels on a copy of `image`."
-    labels = [f"{n} {c:.2f}" for n, c in zip(det.data['class_name'], det.confidence)]
-    scene = sv.BoxAnnotator().annotate(np.array(image), det)
-    return Image.fromarray(sv.LabelAnnotator().annotate(scene, det, labels=labels))
 
 @call_parse
 def main(model:str='nano',        # variant: nano, small, medium, large, base, large-deprecated

@@ -6,23 +6,24 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/api.html.md"""
 
 # %% ../nbs/08_api.ipynb #c002
 from __future__ import annotations
-import argparse, io, urllib.request, warnings
+import argparse, copy, io, os, tempfile, urllib.request, warnings
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 import supervision as sv
-from .config import (ModelConfig, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
+from .config import (ModelConfig, TrainConfig, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
                               RFDETRBaseConfig, RFDETRLargeDeprecatedConfig, check_image_size, tiny_config)
 from .model import LWDETR, PostProcess
-from .checkpoint import load_weights
+from .checkpoint import load_weights, read_checkpoint, checkpoint_args, checkpoint_state_dict
 from .weights import maybe_download_pretrained
 
 # %% auto #0
 __all__ = ['COCO_CLASSES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium', 'RFDETRLarge',
            'RFDETRBase', 'RFDETRLargeDeprecated', 'class_name_map', 'load_image', 'to_tensor01', 'preprocess',
-           'check_shape', 'Model', 'default_device', 'RFDETR', 'to_detections']
+           'check_shape', 'Model', 'default_device', 'RFDETR', 'to_detections', 'source_array', 'resolve_dtype',
+           'variant_classes', 'infer_variant']
 
 # %% ../nbs/08_api.ipynb #c005
 COCO_CLASSES = dict(enumerate("""person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant
@@ -103,6 +104,7 @@ class Model:
         self.class_names = ckpt_args.get('class_names')
         self.args = argparse.Namespace(**{**cfg.to_dict(), 'class_names': self.class_names})
         self.model.to(self.device).eval()
+        self.inference_model, self.optimized = None, None   # set by `RFDETR.optimize_for_inference`
 
 # %% ../nbs/08_api.ipynb #c017
 def default_device() -> str: return 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -155,20 +157,151 @@ def to_detections(result:dict, names:dict, threshold:float, source=None) -> sv.D
     if source is not None: det.metadata['source_image'] = source
     return det
 
+def source_array(t:torch.Tensor) -> np.ndarray:
+    "An image tensor `[3,H,W]` in [0,1] as an HWC uint8 array."
+    return (t * 255).round().byte().permute(1, 2, 0).numpy()
+
 @torch.inference_mode()
 def _predict(self:RFDETR, images, threshold:float=0.5, shape=None, include_source_image=True, **kwargs):
     "Detect objects in one image or a list of images (paths, URLs, PIL, arrays, tensors)."
     if kwargs: raise TypeError(f"predict() got unexpected arguments {sorted(kwargs)}.")
     single = not isinstance(images, (list, tuple))
-    srcs = [images] if single else list(images)
-    tensors = [to_tensor01(im) for im in srcs]
+    tensors = [to_tensor01(im) for im in ([images] if single else images)]
     m = self.model
     shape = check_shape(shape, m.model.cfg.block_size) if shape is not None else (m.resolution, m.resolution)
     batch = preprocess([t.to(m.device) for t in tensors], shape)
-    results = m.postprocess(m.model(batch), torch.tensor([t.shape[-2:] for t in tensors], device=m.device))
+    outputs = self._run_optimized(batch) if m.inference_model is not None else m.model(batch)
+    results = m.postprocess(outputs, torch.tensor([t.shape[-2:] for t in tensors], device=m.device))
     names = self.class_id_names
-    dets = [to_detections(r, names, threshold, np.asarray(s) if include_source_image and not isinstance(s, (str, Path)) else
-                          (str(s) if include_source_image else None)) for r, s in zip(results, srcs)]
+    dets = [to_detections(r, names, threshold, source_array(t) if include_source_image else None)
+            for r, t in zip(results, tensors)]
     return dets[0] if single else dets
 
 RFDETR.predict = _predict
+
+# %% ../nbs/08_api.ipynb #c024
+_DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'float16': torch.float16, 'fp16': torch.float16,
+           'half': torch.float16, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
+
+def resolve_dtype(dtype) -> torch.dtype:
+    "A floating `torch.dtype` from a dtype or its name."
+    name = dtype.lower().removeprefix('torch.') if isinstance(dtype, str) else None
+    if name in _DTYPES: return _DTYPES[name]
+    if isinstance(dtype, torch.dtype) and dtype in set(_DTYPES.values()): return dtype
+    raise TypeError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16 (or their names), got {dtype!r}.")
+
+# %% ../nbs/08_api.ipynb #c026
+def _optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dtype=torch.float32):
+    "Build `rf.model.inference_model`: an export-mode copy in `dtype`, traced for `batch_size` if `compile`."
+    dtype = resolve_dtype(dtype)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    self.remove_optimized_model()
+    m = self.model
+    net = copy.deepcopy(m.model).export().to(dtype)
+    if compile:
+        x = torch.randn(batch_size, 3, m.resolution, m.resolution, device=m.device, dtype=dtype)
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            net = torch.jit.trace(net, x)
+    m.inference_model, m.optimized = net, dict(compile=compile, batch_size=batch_size, dtype=dtype)
+    return self
+
+def _remove_optimized_model(self:RFDETR):
+    "Drop the optimised copy; `predict` uses the eager model again."
+    self.model.inference_model, self.model.optimized = None, None
+
+def _run_optimized(self:RFDETR, batch:torch.Tensor) -> dict:
+    "Run the optimised copy on a normalised batch, after checking it fits what was traced."
+    m, opt = self.model, self.model.optimized
+    if tuple(batch.shape[-2:]) != (m.resolution, m.resolution):
+        raise ValueError(f"The model was optimised for {m.resolution}×{m.resolution} images, not {tuple(batch.shape[-2:])}: "
+                         "predict without `shape`, or call remove_optimized_model() first.")
+    if opt['compile'] and batch.shape[0] != opt['batch_size']:
+        raise ValueError(f"The model was compiled for batches of {opt['batch_size']} images, got {batch.shape[0]}: "
+                         f"call optimize_for_inference(batch_size={batch.shape[0]}) or compile=False.")
+    boxes, logits = m.inference_model(batch.to(opt['dtype']))
+    return {'pred_boxes': boxes.float(), 'pred_logits': logits.float()}
+
+RFDETR.optimize_for_inference = _optimize_for_inference
+RFDETR.remove_optimized_model = _remove_optimized_model
+RFDETR._run_optimized = _run_optimized
+
+# %% ../nbs/08_api.ipynb #c030
+def variant_classes() -> dict[str, type]:
+    "The detector classes by name."
+    return {c.__name__: c for c in RFDETR.__subclasses__() if c.size}
+
+def infer_variant(ckpt:dict, args:dict, path) -> type:
+    "The detector class a checkpoint belongs to: `model_name`, else `args.pretrain_weights`, else the file name."
+    classes = variant_classes()
+    if ckpt.get('model_name') in classes: return classes[ckpt['model_name']]
+    by_file = {c.config_class.pretrained_file: c for c in classes.values()}
+    fine_tuned_from = Path(str(args.get('pretrain_weights') or '')).name
+    if fine_tuned_from in by_file: return by_file[fine_tuned_from]
+    stem = Path(path).stem.lower().replace('_', '-')
+    for c in sorted(classes.values(), key=lambda c: -len(c.size)):   # 'large-deprecated' before 'large'
+        if c.size.removeprefix('rfdetr-') in stem: return c
+    raise ValueError(f"Could not tell which RF-DETR variant {path} holds (no 'model_name', no known 'pretrain_weights', "
+                     f"no variant in the file name): call e.g. RFDETRSmall.from_checkpoint({str(path)!r}) on the right class.")
+
+def _from_checkpoint(cls, path, **kwargs) -> RFDETR:
+    "A detector built from checkpoint `path` (class, classes and resolution read from the file unless given)."
+    ckpt = read_checkpoint(path)
+    args, sd = checkpoint_args(ckpt), checkpoint_state_dict(ckpt)
+    target = cls if cls.size else infer_variant(ckpt, args, path)
+    if 'class_embed.bias' in sd: kwargs.setdefault('num_classes', sd['class_embed.bias'].shape[0] - 1)
+    if args.get('resolution'): kwargs.setdefault('resolution', args['resolution'])
+    return target(pretrain_weights=str(path), **kwargs)
+
+RFDETR.from_checkpoint = classmethod(_from_checkpoint)
+
+# %% ../nbs/08_api.ipynb #c032
+def _checkpoint_payload(self:RFDETR) -> dict:
+    "The model's weights with everything needed to rebuild it (class names included)."
+    cfg = self.model.model.cfg
+    args = {**cfg.to_dict(), 'class_names': self.class_names, 'pretrain_weights': cfg.pretrain_weights}
+    return {'model': self.model.model.state_dict(), 'args': args, 'model_name': type(self).__name__}
+
+def _export_for_roboflow(self:RFDETR, output_dir) -> Path:
+    "Write `weights.pt` and `class_names.txt` to `output_dir`; returns the folder."
+    out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
+    torch.save(self._checkpoint_payload(), out / 'weights.pt')
+    (out / 'class_names.txt').write_text('\n'.join(self.class_names) + '\n')
+    return out
+
+RFDETR._checkpoint_payload = _checkpoint_payload
+RFDETR.export_for_roboflow = _export_for_roboflow
+
+# %% ../nbs/08_api.ipynb #c035
+def _get_model(self:RFDETR, config:ModelConfig) -> Model:
+    "A `Model` holder for `config` (weights loaded from `config.pretrain_weights`)."
+    return Model(config, config.device)
+
+def _get_train_config(self:RFDETR, **kwargs) -> TrainConfig:
+    "Training hyper-parameters for this detector."
+    return TrainConfig(**kwargs)
+
+def _maybe_download_pretrain_weights(self:RFDETR):
+    "Download the configured official weights into the cache if they are missing."
+    if self.model_config.pretrain_weights: return maybe_download_pretrained(self.model_config.pretrain_weights)
+
+def _deploy_to_roboflow(self:RFDETR, workspace:str, project_id:str, version, api_key:str|None=None, size:str|None=None):
+    "Upload this model's weights to a Roboflow project version (needs `pip install roboflow` and an API key)."
+    for n, v in (('workspace', workspace), ('project_id', project_id)):
+        if not isinstance(v, str) or not v.strip(): raise ValueError(f"{n} must be a non-empty string, got {v!r}.")
+    if isinstance(version, bool) or not str(version).isdigit() or int(version) < 1:
+        raise ValueError(f"version must be a positive integer (the dataset version number), got {version!r}.")
+    api_key = api_key or os.environ.get('ROBOFLOW_API_KEY')
+    if not api_key: raise ValueError("No Roboflow API key: pass api_key=... or set ROBOFLOW_API_KEY.")
+    try: import roboflow
+    except ImportError as e: raise ImportError("deploy_to_roboflow needs the Roboflow SDK: pip install roboflow") from e
+    with tempfile.TemporaryDirectory() as d:
+        self.export_for_roboflow(d)
+        project = roboflow.Roboflow(api_key=api_key).workspace(workspace).project(project_id)
+        return project.version(int(version)).deploy(model_type=size or self.size, model_path=d, filename='weights.pt')
+
+RFDETR.get_model = _get_model
+RFDETR.get_train_config = _get_train_config
+RFDETR.maybe_download_pretrain_weights = _maybe_download_pretrain_weights
+RFDETR.deploy_to_roboflow = _deploy_to_roboflow

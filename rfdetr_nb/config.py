@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, asdict, replace, fields
 # %% auto #0
 __all__ = ['ENCODERS', 'PROJECTOR_SCALES', 'RFDETRNanoConfig', 'RFDETRSmallConfig', 'RFDETRMediumConfig', 'RFDETRLargeConfig',
            'RFDETRBaseConfig', 'RFDETRLargeDeprecatedConfig', 'VARIANT_CONFIGS', 'nearest_valid_sizes',
-           'check_image_size', 'EncoderConfig', 'ModelConfig', 'variant_config', 'tiny_config']
+           'check_image_size', 'EncoderConfig', 'ModelConfig', 'variant_config', 'tiny_config', 'TrainConfig']
 
 # %% ../nbs/00_config.ipynb #c006
 def _check_positive_int(name, v):
@@ -170,3 +170,44 @@ def tiny_config(**overrides) -> ModelConfig:
               num_windows=2, dec_layers=2, sa_nheads=2, ca_nheads=4, num_queries=10, num_select=10, group_detr=3,
               out_feature_indexes=(1, 2, 3, 4), resolution=64, num_classes=5, dim_feedforward=64)
     return ModelConfig(**{**kw, **overrides})
+
+# %% ../nbs/00_config.ipynb #c026
+@dataclass
+class TrainConfig:
+    "Training hyper-parameters (defaults of the reference trainer)."
+    dataset_dir: str | None = None
+    output_dir: str = 'output'
+    class_names: list | None = None
+    epochs: int = 100
+    batch_size: int = 4
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    lr_encoder: float = 1.5e-4
+    weight_decay: float = 1e-4
+    lr_vit_layer_decay: float = 0.8
+    lr_component_decay: float = 0.7
+    warmup_epochs: float = 0.0
+    lr_scheduler: str = 'step'             # 'step' (×0.1 at lr_drop) or 'cosine'
+    lr_drop: int = 100
+    clip_max_norm: float = 0.1
+    drop_path: float = 0.0
+    use_ema: bool = True
+    ema_decay: float = 0.993
+    ema_tau: float = 100.
+    multi_scale: str = 'per-batch'         # 'per-batch', 'per-sample' or 'off'
+    expanded_scales: bool = True
+    square_resize_div_64: bool = True
+    scale_jitter: bool = True
+    num_workers: int = 2
+    checkpoint_interval: int = 10
+    eval_max_dets: int = 500
+    seed: int | None = 42
+
+    def __post_init__(self):
+        for f in ('epochs', 'batch_size', 'grad_accum_steps', 'lr_drop', 'checkpoint_interval', 'eval_max_dets'):
+            _check_positive_int(f, getattr(self, f))
+        for f in ('lr', 'lr_encoder'):
+            if not getattr(self, f) > 0: raise ValueError(f"{f} must be > 0, got {getattr(self, f)}.")
+        if self.lr_scheduler not in ('step', 'cosine'): raise ValueError(f"lr_scheduler must be 'step' or 'cosine', got {self.lr_scheduler!r}.")
+        if self.multi_scale not in ('per-batch', 'per-sample', 'off'):
+            raise ValueError(f"multi_scale must be 'per-batch', 'per-sample' or 'off', got {self.multi_scale!r}.")

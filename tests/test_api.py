@@ -62,3 +62,48 @@ def test_demo_runs(tmp_path):
                        env={'RF_HOME': str(tmp_path), 'PATH': '/usr/bin:/bin', 'HF_HUB_OFFLINE': '1'}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'detections' in r.stdout and Image.open(out).size == (640, 480)
+
+@pytest.mark.parametrize('compile', [False, True])
+def test_optimized_predict_matches_reference(nano_pair, compile):
+    ref, ours = nano_pair
+    im = images()[0]
+    ours.optimize_for_inference(compile=compile, dtype='float32')
+    try: assert_same(ref.predict(im, threshold=0.05), ours.predict(im, threshold=0.05))
+    finally: ours.remove_optimized_model()
+
+def test_from_checkpoint_keeps_class_names(tmp_path, nano_pair):
+    "Fine-tuned heads are 0-based and their names travel in the checkpoint; COCO heads use sparse ids."
+    _, rf = nano_pair
+    names = ['cat', 'dog', 'fish']
+    ft = rfdetr_nb.RFDETRNano(pretrain_weights=None, num_classes=3, device='cpu')
+    ft.model.class_names = names
+    ft.export_for_roboflow(tmp_path)
+    back = rfdetr_nb.RFDETR.from_checkpoint(tmp_path / 'weights.pt', device='cpu')
+    assert type(back).__name__ == 'RFDETRNano' and back.class_names == names
+    assert back.model.model.class_embed.out_features == 4
+    det = back.predict(images()[0], threshold=0.0)
+    assert set(det.data['class_name']) <= set(names) | {'class_3'}
+    coco = rf.predict(images()[0], threshold=0.0)
+    from rfdetr_nb.api import COCO_CLASSES
+    assert all(COCO_CLASSES.get(int(i), f'class_{i}') == n for i, n in zip(coco.class_id, coco.data['class_name']))
+
+def test_checkpoint_without_names_warns(tmp_path):
+    m = rfdetr_nb.RFDETRNano(pretrain_weights=None, num_classes=3, device='cpu')
+    torch.save({'model': m.model.model.state_dict()}, tmp_path / 'rfdetr_nano_ft.pth')
+    back = rfdetr_nb.RFDETR.from_checkpoint(tmp_path / 'rfdetr_nano_ft.pth', device='cpu')   # class from the file name
+    with pytest.warns(UserWarning, match='no class names'):
+        assert back.class_names == ['class_0', 'class_1', 'class_2']
+
+def test_predict_url(tmp_path):
+    "http(s) images are downloaded (local server on 127.0.0.1), errors name the URL."
+    import http.server, threading, functools
+    Image.fromarray(images()[0]).save(tmp_path / 'im.png')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        rf = rfdetr_nb.RFDETRNano(pretrain_weights=None, device='cpu')
+        url = f'http://127.0.0.1:{srv.server_address[1]}'
+        assert rf.predict(f'{url}/im.png', threshold=0.0).metadata['source_image'].shape == (240, 320, 3)
+        with pytest.raises(ConnectionError, match='missing.png'): rf.predict(f'{url}/missing.png')
+    finally: srv.shutdown()

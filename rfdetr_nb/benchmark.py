@@ -6,7 +6,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/benchmark.html.md"""
 
 # %% ../nbs/09_benchmark.ipynb #c002
 from __future__ import annotations
-import argparse, json, resource, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, resource, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -83,7 +83,8 @@ def forward_peak_mb(impl:str, size:str, weights) -> float:
 def forward_peak_mb_subprocess(impl:str, size:str, weights) -> float:
     "`forward_peak_mb` in a fresh Python process, so that neither implementation inherits the other's memory."
     code = f"from rfdetr_nb.benchmark import forward_peak_mb; print(forward_peak_mb({impl!r}, {size!r}, {str(weights)!r}))"
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}   # big blocks straight from/to the OS: RSS follows live tensors
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 # %% ../nbs/09_benchmark.ipynb #c011

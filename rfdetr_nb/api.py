@@ -162,13 +162,16 @@ def source_array(t:torch.Tensor) -> np.ndarray:
     return (t * 255).round().byte().permute(1, 2, 0).numpy()
 
 @torch.inference_mode()
-def _predict(self:RFDETR, images, threshold:float=0.5, shape=None, include_source_image=True, **kwargs):
+def _predict(self:RFDETR, images, threshold:float=0.5, shape=None, patch_size=None, include_source_image=True, **kwargs):
     "Detect objects in one image or a list of images (paths, URLs, PIL, arrays, tensors)."
     if kwargs: raise TypeError(f"predict() got unexpected arguments {sorted(kwargs)}.")
+    m = self.model
+    cfg = m.model.cfg
+    if patch_size is not None and patch_size != cfg.patch_size:
+        raise ValueError(f"patch_size={patch_size!r} does not match the model's patch size {cfg.patch_size}.")
     single = not isinstance(images, (list, tuple))
     tensors = [to_tensor01(im) for im in ([images] if single else images)]
-    m = self.model
-    shape = check_shape(shape, m.model.cfg.block_size) if shape is not None else (m.resolution, m.resolution)
+    shape = check_shape(shape, cfg.block_size) if shape is not None else (m.resolution, m.resolution)
     batch = preprocess([t.to(m.device) for t in tensors], shape)
     outputs = self._run_optimized(batch) if m.inference_model is not None else m.model(batch)
     results = m.postprocess(outputs, torch.tensor([t.shape[-2:] for t in tensors], device=m.device))

@@ -99,7 +99,7 @@ class LWDETR(nn.Module):
 
 # %% ../nbs/05_model.ipynb #c016
 class PostProcess(nn.Module):
-    "Model outputs → per-image `scores`, `labels`, `boxes` (xyxy, original pixels), best `num_select` first."
+    "Model outputs → per-image `scores`, `labels`, `boxes` (xyxy, original pixels) and source `queries`, best `num_select` first."
     def __init__(self, num_select=300):
         super().__init__()
         self.num_select = num_select
@@ -116,4 +116,4 @@ class PostProcess(nn.Module):
         h, w = target_sizes.to(xyxy).unbind(1)
         scale = torch.stack([w, h, w, h], dim=1)[:, None]                             # [B,1,4]
         xyxy = torch.minimum((xyxy * scale).clamp(min=0), scale)
-        return [{'scores': s, 'labels': l, 'boxes': b} for s, l, b in zip(scores, idx % C, xyxy)]
+        return [{'scores': s, 'labels': l, 'boxes': b, 'queries': q} for s, l, b, q in zip(scores, idx % C, xyxy, idx // C)]

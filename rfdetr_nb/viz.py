@@ -6,12 +6,22 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/viz.html.md"""
 
 # %% ../nbs/11_viz.ipynb #c002
 from __future__ import annotations
+import io
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fastcore.basics import patch
+from pathlib import Path
 import numpy as np
-from PIL import Image
+import pandas as pd
+import torch
+import ipywidgets as widgets
+from PIL import Image, ImageDraw
 import supervision as sv
+from .api import load_image, to_tensor01, preprocess
 
 # %% auto #0
-__all__ = ['annotate']
+__all__ = ['IMAGE_EXTENSIONS', 'annotate', 'class_names_of', 'filter_detections', 'detections_table', 'image_sources', 'as_pil',
+           'png_bytes', 'DetectionViewer', 'captured_inputs', 'Attention', 'attention_points', 'draw_attention']
 
 # %% ../nbs/11_viz.ipynb #c005
 def annotate(image, det:sv.Detections, boxes:bool=True, labels:bool=True) -> Image.Image:
@@ -23,3 +33,216 @@ def annotate(image, det:sv.Detections, boxes:bool=True, labels:bool=True) -> Ima
         text = [f"{n} {c:.2f}" for n, c in zip(names, det.confidence)]
         scene = sv.LabelAnnotator().annotate(scene, det, labels=text)
     return Image.fromarray(scene)
+
+# %% ../nbs/11_viz.ipynb #c008
+def class_names_of(det:sv.Detections) -> np.ndarray:
+    "Each detection's class name (its id as text when `det` carries no names)."
+    return det.data.get('class_name', det.class_id.astype(str))
+
+def filter_detections(det:sv.Detections, threshold:float=0.0, classes=None) -> sv.Detections:
+    "The detections with confidence above `threshold` and, unless `classes` is None, a class name or id in `classes`."
+    keep = det.confidence > threshold
+    if classes is not None:
+        names = [c for c in classes if isinstance(c, str)]
+        ids = [int(c) for c in classes if not isinstance(c, str)]
+        keep &= np.isin(class_names_of(det), names) | np.isin(det.class_id, ids)
+    return det[keep]
+
+# %% ../nbs/11_viz.ipynb #c011
+def detections_table(det:sv.Detections) -> pd.DataFrame:
+    "One row per detection: class_id, class_name, confidence and the box corners x0, y0, x1, y1."
+    x0, y0, x1, y1 = det.xyxy.reshape(-1, 4).T
+    return pd.DataFrame({'class_id': det.class_id, 'class_name': class_names_of(det), 'confidence': det.confidence,
+                         'x0': x0, 'y0': y0, 'x1': x1, 'y1': y1})
+
+# %% ../nbs/11_viz.ipynb #c014
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+
+def image_sources(images) -> list:
+    "A folder, one image or a list of images → the list of images to show."
+    if isinstance(images, (str, Path)) and Path(images).is_dir():
+        files = sorted(f for f in Path(images).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files: raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in the folder {images}.")
+        return files
+    srcs = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not srcs: raise ValueError("No images to show: the list is empty.")
+    return srcs
+
+def as_pil(image) -> Image.Image:
+    "Any image `predict` accepts → an RGB PIL image."
+    if isinstance(image, Image.Image): return image.convert('RGB')
+    if isinstance(image, (str, Path)): return load_image(image)
+    arr = to_tensor01(image).permute(1, 2, 0).cpu().numpy()                    # [H,W,3] in [0,1]
+    return Image.fromarray((arr * 255).round().astype(np.uint8))
+
+def png_bytes(image:Image.Image) -> bytes:
+    "`image` encoded as PNG."
+    buf = io.BytesIO()
+    image.save(buf, format='PNG')
+    return buf.getvalue()
+
+# %% ../nbs/11_viz.ipynb #c017
+class DetectionViewer:
+    "Browse `images` (a folder or a list) with `rf`'s detections, filtered live by threshold and class."
+    def __init__(self, rf, images, threshold:float=0.5, min_threshold:float=0.0, width:int=640):
+        if threshold < min_threshold:
+            raise ValueError(f"threshold={threshold} is below min_threshold={min_threshold}, the level images are predicted at.")
+        self.rf, self.sources, self.min_threshold = rf, image_sources(images), min_threshold
+        self._cache, self._index, self._syncing = {}, 0, False
+        self.prev_button, self.next_button = widgets.Button(description='◀ prev'), widgets.Button(description='next ▶')
+        self.position = widgets.Label()
+        self.threshold = widgets.FloatSlider(value=threshold, min=min_threshold, max=1.0, step=0.01, description='threshold')
+        self.classes = widgets.SelectMultiple(description='classes', rows=6)
+        self.show_boxes = widgets.Checkbox(value=True, description='boxes')
+        self.show_labels = widgets.Checkbox(value=True, description='labels')
+        self.image = widgets.Image(format='png', width=width)
+        self.table = widgets.HTML(layout=widgets.Layout(max_height='320px', overflow='auto'))
+        self.prev_button.on_click(lambda _: self.prev())
+        self.next_button.on_click(lambda _: self.next())
+        for w in (self.threshold, self.classes, self.show_boxes, self.show_labels): w.observe(self._changed, 'value')
+        self.widget = widgets.VBox([
+            widgets.HBox([self.prev_button, self.next_button, self.position]),
+            widgets.HBox([widgets.VBox([self.threshold, self.show_boxes, self.show_labels]), self.classes]),
+            self.image, self.table])
+        self._load()
+
+    def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
+    def _changed(self, change):
+        if not self._syncing: self.refresh()
+
+# %% ../nbs/11_viz.ipynb #c019
+@patch
+def _load(self:DetectionViewer):
+    "Load the current image, predicting it at `min_threshold` on first sight, and refresh."
+    src = self.sources[self._index]
+    self.current_image = as_pil(src)
+    if self._index not in self._cache:
+        self._cache[self._index] = self.rf.predict(self.current_image, threshold=self.min_threshold,
+                                                   include_source_image=False)
+    self.refresh()
+
+@patch(as_prop=True)
+def index(self:DetectionViewer) -> int: return self._index
+
+@patch
+def show(self:DetectionViewer, index:int):
+    "Show image number `index`."
+    if not 0 <= index < len(self.sources):
+        raise IndexError(f"Image index {index} is out of range: there are {len(self.sources)} images.")
+    self._index = index
+    self._load()
+
+@patch
+def next(self:DetectionViewer):
+    "Show the next image (if any)."
+    if self._index + 1 < len(self.sources): self.show(self._index + 1)
+
+@patch
+def prev(self:DetectionViewer):
+    "Show the previous image (if any)."
+    if self._index > 0: self.show(self._index - 1)
+
+# %% ../nbs/11_viz.ipynb #c021
+@patch(as_prop=True)
+def all_detections(self:DetectionViewer) -> sv.Detections: return self._cache[self._index]
+
+@patch(as_prop=True)
+def current_detections(self:DetectionViewer) -> sv.Detections:
+    "The current image's detections that pass the threshold and the class selection (none selected: all classes)."
+    return filter_detections(self.all_detections, self.threshold.value, self.classes.value or None)
+
+@patch
+def render(self:DetectionViewer) -> Image.Image:
+    "The current image annotated with `current_detections`, boxes and labels as the checkboxes say."
+    return annotate(self.current_image, self.current_detections, boxes=self.show_boxes.value, labels=self.show_labels.value)
+
+# %% ../nbs/11_viz.ipynb #c023
+@patch
+def _sync_classes(self:DetectionViewer):
+    "Offer the classes above the threshold (with counts) and the selected ones, keeping the selection."
+    names, counts = np.unique(class_names_of(filter_detections(self.all_detections, self.threshold.value)), return_counts=True)
+    count, selected = dict(zip(names.tolist(), counts.tolist())), self.classes.value
+    self._syncing = True
+    try:
+        self.classes.options = [(f'{n} ({count.get(n, 0)})', n) for n in sorted(set(count) | set(selected))]
+        self.classes.value = selected
+    finally: self._syncing = False
+
+@patch
+def refresh(self:DetectionViewer):
+    "Redraw the class list, image, table and position label from the current state."
+    self._sync_classes()
+    det, src = self.current_detections, self.sources[self._index]
+    self.image.value = png_bytes(self.render())
+    self.table.value = detections_table(det).to_html(index=False, float_format='{:.3f}'.format)
+    name = Path(src).name if isinstance(src, (str, Path)) else f'image {self._index}'
+    self.position.value = f'{self._index + 1} / {len(self.sources)} · {name} · {len(det)} of {len(self.all_detections)} detections'
+    self.prev_button.disabled, self.next_button.disabled = self._index == 0, self._index + 1 == len(self.sources)
+
+# %% ../nbs/11_viz.ipynb #c037
+@contextmanager
+def captured_inputs(module:torch.nn.Module):
+    "Within the block, record the positional inputs of every call of `module` in the yielded list."
+    calls = []
+    handle = module.register_forward_hook(lambda mod, args, out: calls.append(args))
+    try: yield calls
+    finally: handle.remove()
+
+# %% ../nbs/11_viz.ipynb #c040
+@dataclass
+class Attention:
+    "Where one detection's query sampled the features in one decoder layer."
+    query: int
+    class_id: int
+    class_name: str
+    confidence: float
+    box: np.ndarray        # [4] xyxy, original pixels
+    points: np.ndarray     # [H,L,P,2] (x, y), original pixels
+    weights: np.ndarray    # [H,L,P], summing to 1 for each head
+
+    @property
+    def heads(self) -> np.ndarray:
+        "Each point's head `[H,L,P]`."
+        return np.broadcast_to(np.arange(self.weights.shape[0])[:, None, None], self.weights.shape)
+
+    @property
+    def levels(self) -> np.ndarray:
+        "Each point's feature level `[H,L,P]`."
+        return np.broadcast_to(np.arange(self.weights.shape[1])[None, :, None], self.weights.shape)
+
+# %% ../nbs/11_viz.ipynb #c041
+@torch.inference_mode()
+def attention_points(rf, image, threshold:float=0.5, layer:int=-1) -> list[Attention]:
+    "Each detection above `threshold` with its query's sampling points and weights in decoder layer `layer`."
+    m = rf.model
+    t = to_tensor01(image)
+    h, w = t.shape[-2:]
+    attn = m.model.transformer.decoder.layers[layer].cross_attn
+    with captured_inputs(attn) as calls:
+        out = m.model(preprocess([t.to(m.device)], (m.resolution, m.resolution)))
+    loc, weights = attn.sampling(*calls[0][:2])                               # [1,Q,H,L,P,2], [1,Q,H,L,P]
+    loc = loc * loc.new_tensor([w, h])                                        # original pixels
+    res = m.postprocess(out, torch.tensor([[h, w]], device=m.device))[0]
+    names = rf.class_id_names
+    return [Attention(int(q), int(c), names.get(int(c), f'class_{c}'), float(s), b.float().cpu().numpy(),
+                      loc[0, q].float().cpu().numpy(), weights[0, q].float().cpu().numpy())
+            for q, c, s, b in zip(res['queries'], res['labels'], res['scores'], res['boxes']) if s > threshold]
+
+# %% ../nbs/11_viz.ipynb #c046
+def draw_attention(image, points, weights, box=None, radius:float|None=None) -> Image.Image:
+    "A copy of `image` with sampling `points` `[H,...,2]` (pixels) drawn as discs sized by `weights` `[H,...]`, coloured by head."
+    img = as_pil(image).convert('RGBA')
+    overlay = Image.new('RGBA', img.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    side = min(box[2] - box[0], box[3] - box[1]) if box is not None else min(img.size)
+    radius = radius or max(2., side / 12)
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)                      # [H·L·P,2]
+    w = np.asarray(weights, dtype=float)
+    heads = np.repeat(np.arange(w.shape[0]), w[0].size)                       # [H·L·P]
+    rel = w.reshape(-1) / max(w.max(), 1e-12)
+    for i in np.argsort(rel):
+        (x, y), r = pts[i], radius * np.sqrt(rel[i])
+        colour = sv.ColorPalette.DEFAULT.by_idx(int(heads[i])).as_rgb()
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(*colour, int(80 + 175 * rel[i])))
+    if box is not None: draw.rectangle([float(v) for v in box], outline=(255, 255, 255, 255), width=2)
+    return Image.alpha_composite(img, overlay).convert('RGB')

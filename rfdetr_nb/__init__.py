@@ -11,3 +11,4 @@ __all__ = []
 # %% ../nbs/99_package.ipynb #c003
 from .api import (RFDETR, RFDETRNano, RFDETRSmall, RFDETRMedium, RFDETRLarge, RFDETRBase,
                            RFDETRLargeDeprecated)
+from .tiling import predict_tiled

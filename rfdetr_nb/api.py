@@ -21,9 +21,9 @@ from .weights import maybe_download_pretrained
 
 # %% auto #0
 __all__ = ['COCO_CLASSES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium', 'RFDETRLarge',
-           'RFDETRBase', 'RFDETRLargeDeprecated', 'class_name_map', 'load_image', 'to_tensor01', 'preprocess',
-           'check_shape', 'Model', 'default_device', 'RFDETR', 'to_detections', 'source_array', 'resolve_dtype',
-           'variant_classes', 'infer_variant']
+           'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map', 'load_image', 'to_tensor01',
+           'preprocess', 'check_shape', 'Model', 'default_device', 'RFDETR', 'detector_class', 'to_detections',
+           'source_array', 'resolve_dtype', 'variant_classes', 'infer_variant']
 
 # %% ../nbs/08_api.ipynb #c005
 COCO_CLASSES = dict(enumerate("""person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant
@@ -147,13 +147,22 @@ RFDETRLarge = _variant_api('RFDETRLarge', RFDETRLargeConfig)
 RFDETRBase = _variant_api('RFDETRBase', RFDETRBaseConfig)
 RFDETRLargeDeprecated = _variant_api('RFDETRLargeDeprecated', RFDETRLargeDeprecatedConfig)
 
-# %% ../nbs/08_api.ipynb #c020
+VARIANTS = {c.size.removeprefix('rfdetr-'): c for c in (RFDETRNano, RFDETRSmall, RFDETRMedium, RFDETRLarge, RFDETRBase,
+                                                        RFDETRLargeDeprecated)}
+
+def detector_class(name:str) -> type:
+    "The detector class of a variant name (`'nano'` or `'rfdetr-nano'`)."
+    key = str(name).removeprefix('rfdetr-')
+    if key not in VARIANTS: raise ValueError(f"Unknown model {name!r}; use one of {', '.join(VARIANTS)}.")
+    return VARIANTS[key]
+
+# %% ../nbs/08_api.ipynb #c021
 def to_detections(result:dict, names:dict, threshold:float, source=None) -> sv.Detections:
     "One post-processed image → `sv.Detections` above `threshold`, with class names."
     keep = result['scores'] > threshold
     ids = result['labels'][keep].cpu().numpy()
     det = sv.Detections(xyxy=result['boxes'][keep].float().cpu().numpy(), confidence=result['scores'][keep].float().cpu().numpy(),
-                        class_id=ids, data={'class_name': np.array([names.get(int(i), f'class_{i}') for i in ids])})
+                        class_id=ids, data={'class_name': np.array([names.get(int(i), f'class_{i}') for i in ids], dtype=str)})
     if source is not None: det.metadata['source_image'] = source
     return det
 
@@ -182,7 +191,7 @@ def _predict(self:RFDETR, images, threshold:float=0.5, shape=None, patch_size=No
 
 RFDETR.predict = _predict
 
-# %% ../nbs/08_api.ipynb #c024
+# %% ../nbs/08_api.ipynb #c025
 _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'float16': torch.float16, 'fp16': torch.float16,
            'half': torch.float16, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
 
@@ -193,7 +202,7 @@ def resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in set(_DTYPES.values()): return dtype
     raise TypeError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16 (or their names), got {dtype!r}.")
 
-# %% ../nbs/08_api.ipynb #c026
+# %% ../nbs/08_api.ipynb #c027
 def _optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dtype=torch.float32):
     "Build `rf.model.inference_model`: an export-mode copy in `dtype`, traced for `batch_size` if `compile`."
     dtype = resolve_dtype(dtype)
@@ -230,7 +239,7 @@ RFDETR.optimize_for_inference = _optimize_for_inference
 RFDETR.remove_optimized_model = _remove_optimized_model
 RFDETR._run_optimized = _run_optimized
 
-# %% ../nbs/08_api.ipynb #c030
+# %% ../nbs/08_api.ipynb #c031
 def variant_classes() -> dict[str, type]:
     "The detector classes by name."
     return {c.__name__: c for c in RFDETR.__subclasses__() if c.size}
@@ -259,7 +268,7 @@ def _from_checkpoint(cls, path, **kwargs) -> RFDETR:
 
 RFDETR.from_checkpoint = classmethod(_from_checkpoint)
 
-# %% ../nbs/08_api.ipynb #c032
+# %% ../nbs/08_api.ipynb #c033
 def _checkpoint_payload(self:RFDETR) -> dict:
     "The model's weights with everything needed to rebuild it (class names included)."
     cfg = self.model.model.cfg
@@ -276,7 +285,7 @@ def _export_for_roboflow(self:RFDETR, output_dir) -> Path:
 RFDETR._checkpoint_payload = _checkpoint_payload
 RFDETR.export_for_roboflow = _export_for_roboflow
 
-# %% ../nbs/08_api.ipynb #c035
+# %% ../nbs/08_api.ipynb #c036
 def _get_model(self:RFDETR, config:ModelConfig) -> Model:
     "A `Model` holder for `config` (weights loaded from `config.pretrain_weights`)."
     return Model(config, config.device)

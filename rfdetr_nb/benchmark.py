@@ -13,6 +13,7 @@ import torch
 from fastcore.script import call_parse
 from .config import VARIANT_CONFIGS, variant_config
 from .model import LWDETR
+from .api import detector_class
 
 # %% auto #0
 __all__ = ['median_time', 'random_checkpoint', 'build_detector', 'reference_available', 'rss_mb', 'peak_growth_mb',
@@ -38,16 +39,13 @@ def random_checkpoint(size:str, path) -> Path:
     torch.save({'model': model.state_dict(), 'args': args}, path)
     return Path(path)
 
-_REF_CLASSES = {'rfdetr-nano': 'RFDETRNano', 'rfdetr-small': 'RFDETRSmall', 'rfdetr-medium': 'RFDETRMedium',
-                'rfdetr-large': 'RFDETRLarge', 'rfdetr-base': 'RFDETRBase', 'rfdetr-large-deprecated': 'RFDETRLargeDeprecated'}
-
 def build_detector(impl:str, size:str, weights):
     "The `impl` ('ours' or 'reference') detector of variant `size` loaded from `weights` on the CPU."
-    if impl == 'ours':
-        import rfdetr_nb
-        return getattr(rfdetr_nb, _REF_CLASSES[size])(pretrain_weights=str(weights), device='cpu')
-    import rfdetr
-    return getattr(rfdetr, _REF_CLASSES[size])(pretrain_weights=str(weights), device='cpu')
+    cls = detector_class(size)
+    if impl == 'reference':
+        import rfdetr
+        cls = getattr(rfdetr, cls.__name__)          # the reference names its classes the same way
+    return cls(pretrain_weights=str(weights), device='cpu')
 
 def reference_available() -> bool:
     "Whether the reference `rfdetr` package can be imported."

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from fastcore.script import call_parse
-import rfdetr_nb
-from .benchmark import random_checkpoint, _REF_CLASSES
+from .weights import maybe_download_pretrained
+from .benchmark import random_checkpoint
+from .api import detector_class
 from .viz import annotate
 
 # %% auto #0
@@ -36,14 +37,11 @@ def demo_image(width:int=640, height:int=480, seed:int=0) -> Image.Image:
 def demo_weights(model:str, weights:str|None, tmp:Path) -> tuple[str, bool]:
     "The weights to use and whether they are trained: `weights`, else the official file, else a random checkpoint."
     if weights: return weights, True
-    size = f'rfdetr-{model}'
-    cls = getattr(rfdetr_nb, _REF_CLASSES[size])
-    try:
-        from rfdetr_nb.weights import maybe_download_pretrained
-        return str(maybe_download_pretrained(cls.config_class.pretrained_file)), True
+    cls = detector_class(model)
+    try: return str(maybe_download_pretrained(cls.config_class.pretrained_file)), True
     except ConnectionError as e:
         print(f"{e}\nContinuing with random weights: the pipeline runs, the detections are meaningless.")
-        return str(random_checkpoint(size, tmp / 'random.pth')), False
+        return str(random_checkpoint(cls.size, tmp / 'random.pth')), False
 
 @call_parse
 def main(model:str='nano',        # variant: nano, small, medium, large, base, large-deprecated
@@ -53,7 +51,7 @@ def main(model:str='nano',        # variant: nano, small, medium, large, base, l
     "Detect objects in the built-in demo image and save the annotated result."
     with tempfile.TemporaryDirectory() as d:
         path, trained = demo_weights(model, weights, Path(d))
-        rf = getattr(rfdetr_nb, _REF_CLASSES[f'rfdetr-{model}'])(pretrain_weights=path, device='cpu')
+        rf = detector_class(model)(pretrain_weights=path, device='cpu')
     image = demo_image()
     thr = threshold if threshold is not None else (0.5 if trained else 0.0)
     det = rf.predict(image, threshold=thr)

@@ -7,15 +7,16 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/backbone.html.md"""
 # %% ../nbs/01_backbone.ipynb #c002
 from __future__ import annotations
 import math
+from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .config import ModelConfig, EncoderConfig, tiny_config
 
 # %% auto #0
-__all__ = ['interpolate_pos_embed', 'to_windows', 'from_windows', 'PatchEmbeddings', 'Embeddings', 'SelfAttention', 'SelfOutput',
-           'Attention', 'LayerScale', 'Mlp', 'DropPath', 'Block', 'global_blocks', 'Encoder', 'WindowedDinov2',
-           'freeze_positions']
+__all__ = ['interpolate_pos_embed', 'to_windows', 'from_windows', 'PatchEmbeddings', 'Embeddings', 'fast_kernels',
+           'use_fast_kernels', 'linear', 'SelfAttention', 'SelfOutput', 'Attention', 'LayerScale', 'Mlp', 'DropPath',
+           'Block', 'global_blocks', 'Encoder', 'WindowedDinov2', 'freeze_positions']
 
 # %% ../nbs/01_backbone.ipynb #c006
 def interpolate_pos_embed(pos:torch.Tensor, hp:int, wp:int, grid_hw:tuple|None=None) -> torch.Tensor:
@@ -73,7 +74,28 @@ class Embeddings(nn.Module):
         extra = [self.register_tokens.expand(B * nw * nw, -1, -1)] if hasattr(self, 'register_tokens') else []
         return torch.cat([cls, *extra, tokens], dim=1)
 
-# %% ../nbs/01_backbone.ipynb #c014
+# %% ../nbs/01_backbone.ipynb #c015
+_fast = {'on': torch.backends.mkldnn.is_available()}
+
+@contextmanager
+def fast_kernels(on:bool=True):
+    "Inside the block the encoder uses the oneDNN inference kernels, or with `on=False` PyTorch's default ones."
+    prev, _fast['on'] = _fast['on'], on and torch.backends.mkldnn.is_available()
+    try: yield
+    finally: _fast['on'] = prev
+
+def use_fast_kernels(x:torch.Tensor) -> bool:
+    "Whether the oneDNN inference kernels apply to `x`."
+    return _fast['on'] and x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+def linear(x, weight, bias, gelu=False):
+    "`F.linear` (then exact GELU if `gelu`), through oneDNN with the GELU fused when the fast kernels apply."
+    if use_fast_kernels(x):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+# %% ../nbs/01_backbone.ipynb #c017
 class SelfAttention(nn.Module):
     "Multi-head self-attention with separate query/key/value projections (checkpoint layout)."
     def __init__(self, hidden, heads):
@@ -85,14 +107,14 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        q, k, v = F.linear(x, w, b).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3×[B,h,T,d]
+        q, k, v = linear(x, w, b).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3×[B,h,T,d]
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
 
 class SelfOutput(nn.Module):
     def __init__(self, hidden):
         super().__init__()
         self.dense = nn.Linear(hidden, hidden)
-    def forward(self, x): return self.dense(x)
+    def forward(self, x): return linear(x, self.dense.weight, self.dense.bias)
 
 class Attention(nn.Module):
     def __init__(self, hidden, heads):
@@ -111,9 +133,9 @@ class Mlp(nn.Module):
     def __init__(self, hidden, mlp_hidden):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(hidden, mlp_hidden), nn.Linear(mlp_hidden, hidden)
-    def forward(self, x): return self.fc2(F.gelu(self.fc1(x)))
+    def forward(self, x): return linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
 
-# %% ../nbs/01_backbone.ipynb #c015
+# %% ../nbs/01_backbone.ipynb #c018
 class DropPath(nn.Module):
     "Stochastic depth: drop the residual branch of whole samples with probability `p` in training."
     def __init__(self, p=0.):
@@ -140,10 +162,13 @@ class Block(nn.Module):
         "Windowed tokens `[B·nw², T, C]` in and out."
         h = self.norm1(x)
         if not self.windowed: h = h.view(-1, self.num_windows ** 2 * x.shape[1], x.shape[2])  # [B, nw²·T, C]
+        if use_fast_kernels(x):                                  # one pass per residual; no drop-path at inference
+            x = torch.addcmul(x, self.attention(h).view(x.shape), self.layer_scale1.lambda1)
+            return torch.addcmul(x, self.mlp(self.norm2(x)), self.layer_scale2.lambda1)
         x = x + self.drop_path(self.layer_scale1(self.attention(h).view(x.shape)))
         return x + self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
 
-# %% ../nbs/01_backbone.ipynb #c017
+# %% ../nbs/01_backbone.ipynb #c020
 def global_blocks(out_feature_indexes) -> set:
     "Indexes of the blocks that attend over the whole image."
     return set(out_feature_indexes)
@@ -180,7 +205,7 @@ class WindowedDinov2(nn.Module):
                 outs.append(from_windows(self.layernorm(h)[:, self.num_skip:], hp, wp, self.num_windows))
         return outs
 
-# %% ../nbs/01_backbone.ipynb #c024
+# %% ../nbs/01_backbone.ipynb #c027
 @torch.no_grad()
 def freeze_positions(emb:Embeddings, h:int, w:int):
     "Replace `emb.position_embeddings` by the grid interpolated for an `h × w` image."

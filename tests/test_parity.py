@@ -4,7 +4,13 @@ import pytest
 import torch
 from oracle import reference_model, save_official, exported
 import rfdetr_nb
+from rfdetr_nb.backbone import fast_kernels
 from rfdetr_nb.checkpoint import read_checkpoint, checkpoint_state_dict
+
+@pytest.fixture(autouse=True)
+def reference_kernels():
+    "Parity is checked with PyTorch's default kernels (the fast oneDNN ones differ by float rounding, tested below)."
+    with fast_kernels(False): yield
 
 # total parameters (all 13 groups, 91 logit slots), from the spec's measured table
 PARAMS = dict(nano=30_467_298, small=32_111_170, medium=33_687_458, large=33_933_218, base=32_174_530,
@@ -60,3 +66,16 @@ def test_parity_few_tokens(tmp_path):
         r, o = ref(x), rf.model.model(x)
     assert o['enc_outputs']['pred_boxes'].shape == (2, 196 * 13, 4)
     assert_outputs_close(r, o)
+
+@pytest.mark.parametrize('variant', ['nano', 'small', 'large_deprecated'])
+def test_fast_kernels_match_exact(variant):
+    "The oneDNN inference kernels change the encoder's features only by rounding."
+    ref, ns = reference_model(variant)
+    model = getattr(rfdetr_nb, API[variant])(pretrain_weights=None, device='cpu').model.model
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        exact = model.backbone[0](x)
+    with fast_kernels(), torch.no_grad():
+        fast = model.backbone[0](x)
+    for a, b in zip(exact, fast): assert max_diff(a, b) < TOL

@@ -16,17 +16,19 @@ from .model import LWDETR
 from .api import detector_class
 
 # %% auto #0
-__all__ = ['median_time', 'random_checkpoint', 'build_detector', 'reference_available', 'rss_mb', 'peak_growth_mb',
-           'forward_peak_mb', 'forward_peak_mb_subprocess', 'time_impl', 'report', 'main']
+__all__ = ['median_times', 'random_checkpoint', 'build_detector', 'reference_available', 'rss_mb', 'peak_growth_mb',
+           'forward_peak_mb', 'forward_peak_mb_subprocess', 'time_detectors', 'report', 'main']
 
 # %% ../nbs/09_benchmark.ipynb #c005
-def median_time(fn, warmup:int=3, runs:int=10) -> float:
-    "Median wall time of `fn()` in seconds after `warmup` untimed calls."
-    for _ in range(warmup): fn()
-    times = []
+def median_times(fns:dict, warmup:int=3, runs:int=10) -> dict:
+    "Median wall time (s) of each function in `fns`, after `warmup` untimed calls, the functions taking turns run by run."
+    for fn in fns.values():
+        for _ in range(warmup): fn()
+    times = {k: [] for k in fns}
     for _ in range(runs):
-        t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t = time.perf_counter(); fn(); times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 # %% ../nbs/09_benchmark.ipynb #c007
 def random_checkpoint(size:str, path) -> Path:
@@ -85,20 +87,20 @@ def forward_peak_mb_subprocess(impl:str, size:str, weights) -> float:
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
-# %% ../nbs/09_benchmark.ipynb #c011
-def time_impl(impl:str, size:str, weights, warmup:int, runs:int, predict:bool) -> dict:
-    "Forward (and `predict`) median latency in ms of one implementation."
-    det = build_detector(impl, size, weights)
-    model, res = det.model.model.eval(), det.model.resolution
-    x = torch.randn(1, 3, res, res)
-    with torch.inference_mode(): fwd = median_time(lambda: model(x), warmup, runs)
-    out = {'forward_ms': fwd * 1e3}
+# %% ../nbs/09_benchmark.ipynb #c012
+def time_detectors(dets:dict, warmup:int, runs:int, predict:bool) -> dict:
+    "Forward (and `predict`) median latency in ms of each detector in `dets`."
+    inputs = {k: torch.randn(1, 3, d.model.resolution, d.model.resolution) for k, d in dets.items()}
+    with torch.inference_mode():
+        fwd = median_times({k: (lambda d=d, x=inputs[k]: d.model.model.eval()(x)) for k, d in dets.items()}, warmup, runs)
+    out = {k: {'forward_ms': v * 1e3} for k, v in fwd.items()}
     if predict:
         img = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
-        out['predict_ms'] = median_time(lambda: det.predict(img, threshold=0.5), warmup, runs) * 1e3
+        for k, v in median_times({k: (lambda d=d: d.predict(img, threshold=0.5)) for k, d in dets.items()}, warmup, runs).items():
+            out[k]['predict_ms'] = v * 1e3
     return out
 
-# %% ../nbs/09_benchmark.ipynb #c013
+# %% ../nbs/09_benchmark.ipynb #c014
 def report(name:str, ours:float, ref:float|None, unit:str) -> str:
     "One result line, with the ratio to the reference when there is one."
     line = f"{name:<22} rfdetr_nb {ours:9.1f} {unit}"
@@ -122,7 +124,8 @@ def main(model:str='small',       # variant: nano, small, medium, large, base or
           f"median of {runs} after {warmup} warm-up" + ("" if use_ref else " (reference rfdetr not installed)"))
     with tempfile.TemporaryDirectory() as d:
         w = random_checkpoint(size, Path(d) / 'weights.pth')
-        res = {impl: time_impl(impl, size, w, warmup, runs, predict) for impl in (['ours', 'reference'] if use_ref else ['ours'])}
+        res = time_detectors({impl: build_detector(impl, size, w) for impl in (['ours', 'reference'] if use_ref else ['ours'])},
+                             warmup, runs, predict)
         if memory:
             for impl in res: res[impl]['forward_peak_mb'] = forward_peak_mb_subprocess(impl, size, w)
     for key, unit in (('forward_ms', 'ms'), ('predict_ms', 'ms'), ('forward_peak_mb', 'MiB')):

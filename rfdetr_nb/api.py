@@ -16,6 +16,7 @@ import supervision as sv
 from .config import (ModelConfig, TrainConfig, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
                               RFDETRBaseConfig, RFDETRLargeDeprecatedConfig, check_image_size, tiny_config)
 from .model import LWDETR, PostProcess
+from .backbone import fast_kernels
 from .checkpoint import load_weights, read_checkpoint, checkpoint_args, checkpoint_state_dict
 from .weights import maybe_download_pretrained
 
@@ -213,8 +214,8 @@ def _optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dt
     net = copy.deepcopy(m.model).export().to(dtype)
     if compile:
         x = torch.randn(batch_size, 3, m.resolution, m.resolution, device=m.device, dtype=dtype)
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore')
+        with torch.inference_mode(False), torch.no_grad(), fast_kernels(False), warnings.catch_warnings():
+            warnings.simplefilter('ignore')                 # TorchScript records PyTorch's own kernels
             net = torch.jit.trace(net, x)
     m.inference_model, m.optimized = net, dict(compile=compile, batch_size=batch_size, dtype=dtype)
     return self

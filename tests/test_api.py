@@ -6,12 +6,7 @@ import torch
 from PIL import Image
 from oracle import reference_model, save_official
 import rfdetr_nb
-from rfdetr_nb.backbone import fast_kernels
 
-@pytest.fixture(autouse=True)
-def reference_kernels():
-    "Compare with the reference on PyTorch's default kernels (bit-identical numerics)."
-    with fast_kernels(False): yield
 
 @pytest.fixture(scope='module')
 def nano_pair(tmp_path_factory):

@@ -240,7 +240,7 @@ RFDETR.optimize_for_inference = _optimize_for_inference
 RFDETR.remove_optimized_model = _remove_optimized_model
 RFDETR._run_optimized = _run_optimized
 
-# %% ../nbs/08_api.ipynb #c031
+# %% ../nbs/08_api.ipynb #c033
 def variant_classes() -> dict[str, type]:
     "The detector classes by name."
     return {c.__name__: c for c in RFDETR.__subclasses__() if c.size}
@@ -269,7 +269,7 @@ def _from_checkpoint(cls, path, **kwargs) -> RFDETR:
 
 RFDETR.from_checkpoint = classmethod(_from_checkpoint)
 
-# %% ../nbs/08_api.ipynb #c033
+# %% ../nbs/08_api.ipynb #c035
 def _checkpoint_payload(self:RFDETR) -> dict:
     "The model's weights with everything needed to rebuild it (class names included)."
     cfg = self.model.model.cfg
@@ -286,7 +286,7 @@ def _export_for_roboflow(self:RFDETR, output_dir) -> Path:
 RFDETR._checkpoint_payload = _checkpoint_payload
 RFDETR.export_for_roboflow = _export_for_roboflow
 
-# %% ../nbs/08_api.ipynb #c036
+# %% ../nbs/08_api.ipynb #c038
 def _get_model(self:RFDETR, config:ModelConfig) -> Model:
     "A `Model` holder for `config` (weights loaded from `config.pretrain_weights`)."
     return Model(config, config.device)

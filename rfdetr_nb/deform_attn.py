@@ -67,4 +67,6 @@ class MSDeformAttn(nn.Module):
         v = self.value_proj(value)
         if padding_mask is not None: v = v.masked_fill(padding_mask[..., None], 0.)
         v = v.view(*v.shape[:2], self.n_heads, -1)                                      # [B,S,H,d]
-        return self.output_proj(ms_deform_attn_core(v, shapes, *self.sampling(query, reference)))
+        loc, attn = self.sampling(query, reference)
+        # sampled in float32: PyTorch's bfloat16 grid_sample on the CPU returns NaN for some grids
+        return self.output_proj(ms_deform_attn_core(v.float(), shapes, loc.float(), attn.float()).to(v.dtype))

@@ -35,12 +35,12 @@ class MLP(nn.Module):
 
 # %% ../nbs/04_transformer.ipynb #c010
 def sine_embed(boxes:torch.Tensor, dim:int=128, temperature:float=10000.) -> torch.Tensor:
-    "Sinusoidal embedding of boxes `[...,4]` cxcywh: `[..., 4·dim]` in the order (cy, cx, w, h)."
+    "Sinusoidal embedding of boxes `[...,4]` cxcywh: `[..., 4·dim]` in the order (cy, cx, w, h), computed in float32."
     i = torch.arange(dim, dtype=torch.float32, device=boxes.device)
     freq = temperature ** (2 * torch.div(i, 2, rounding_mode='floor') / dim)
     e = boxes[..., None] * (2 * math.pi) / freq                               # [...,4,dim]
     e = torch.stack([e[..., 0::2].sin(), e[..., 1::2].cos()], dim=-1).flatten(-2)  # sin, cos interleaved
-    return torch.cat([e[..., 1, :], e[..., 0, :], e[..., 2, :], e[..., 3, :]], dim=-1)
+    return torch.cat([e[..., 1, :], e[..., 0, :], e[..., 2, :], e[..., 3, :]], dim=-1).to(boxes.dtype)
 
 # %% ../nbs/04_transformer.ipynb #c013
 def split_groups(x, groups):
@@ -162,6 +162,7 @@ class Transformer(nn.Module):
         shapes = [tuple(f.shape[-2:]) for f in feats]
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)   # [B,S,D]
         props, valid = encoder_proposals(shapes, memory.device)
+        props = props.to(memory.dtype)
         scored = memory.masked_fill(~valid[:, None], 0.)                          # invalid proposals score as blanks
         enc_logits, enc_boxes = self.select_groups(scored, props, groups) if groups > 1 else self.select(scored, props, 0)
         B, n = memory.shape[0], enc_boxes.shape[1]                              # n = K·G

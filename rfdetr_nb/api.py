@@ -7,6 +7,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/api.html.md"""
 # %% ../nbs/08_api.ipynb #c002
 from __future__ import annotations
 import argparse, copy, io, os, tempfile, urllib.request, warnings
+from dataclasses import fields
 from pathlib import Path
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from .weights import maybe_download_pretrained
 __all__ = ['COCO_CLASSES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium', 'RFDETRLarge',
            'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map', 'load_image', 'to_tensor01',
            'preprocess', 'check_shape', 'Model', 'default_device', 'RFDETR', 'detector_class', 'to_detections',
-           'source_array', 'resolve_dtype', 'variant_classes', 'infer_variant']
+           'source_array', 'tiny_detector', 'resolve_dtype', 'variant_classes', 'infer_variant']
 
 # %% ../nbs/08_api.ipynb #c005
 COCO_CLASSES = dict(enumerate("""person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant
@@ -192,7 +193,15 @@ def _predict(self:RFDETR, images, threshold:float=0.5, shape=None, patch_size=No
 
 RFDETR.predict = _predict
 
-# %% ../nbs/08_api.ipynb #c025
+# %% ../nbs/08_api.ipynb #c023
+def tiny_detector(**overrides) -> RFDETR:
+    "A random-weight `RFDETR` of `tiny_config(**overrides)` on the CPU with classes `class_0…`, for tests and examples."
+    cfg = tiny_config(**overrides)
+    rf = RFDETR(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, 'pretrain_weights': None, 'device': 'cpu'})
+    rf.model.class_names = [f'class_{i}' for i in range(cfg.num_classes)]
+    return rf
+
+# %% ../nbs/08_api.ipynb #c026
 _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'float16': torch.float16, 'fp16': torch.float16,
            'half': torch.float16, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
 
@@ -203,7 +212,7 @@ def resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in set(_DTYPES.values()): return dtype
     raise TypeError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16 (or their names), got {dtype!r}.")
 
-# %% ../nbs/08_api.ipynb #c027
+# %% ../nbs/08_api.ipynb #c028
 def _optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dtype=torch.float32):
     "Build `rf.model.inference_model`: an export-mode copy in `dtype`, traced for `batch_size` if `compile`."
     dtype = resolve_dtype(dtype)
@@ -240,7 +249,7 @@ RFDETR.optimize_for_inference = _optimize_for_inference
 RFDETR.remove_optimized_model = _remove_optimized_model
 RFDETR._run_optimized = _run_optimized
 
-# %% ../nbs/08_api.ipynb #c033
+# %% ../nbs/08_api.ipynb #c034
 def variant_classes() -> dict[str, type]:
     "The detector classes by name."
     return {c.__name__: c for c in RFDETR.__subclasses__() if c.size}
@@ -269,7 +278,7 @@ def _from_checkpoint(cls, path, **kwargs) -> RFDETR:
 
 RFDETR.from_checkpoint = classmethod(_from_checkpoint)
 
-# %% ../nbs/08_api.ipynb #c035
+# %% ../nbs/08_api.ipynb #c036
 def _checkpoint_payload(self:RFDETR) -> dict:
     "The model's weights with everything needed to rebuild it (class names included)."
     cfg = self.model.model.cfg
@@ -286,7 +295,7 @@ def _export_for_roboflow(self:RFDETR, output_dir) -> Path:
 RFDETR._checkpoint_payload = _checkpoint_payload
 RFDETR.export_for_roboflow = _export_for_roboflow
 
-# %% ../nbs/08_api.ipynb #c038
+# %% ../nbs/08_api.ipynb #c039
 def _get_model(self:RFDETR, config:ModelConfig) -> Model:
     "A `Model` holder for `config` (weights loaded from `config.pretrain_weights`)."
     return Model(config, config.device)

@@ -75,3 +75,19 @@ def test_fast_kernels_match_exact(variant):
     with fast_kernels(), torch.no_grad():
         fast = model.backbone[0](x)
     for a, b in zip(exact, fast): assert max_diff(a, b) < TOL
+
+@pytest.mark.parametrize('fmt', ['lightning_ckpt', 'lightning_pth', 'compiled'])
+def test_parity_checkpoint_formats(tmp_path, fmt):
+    "Lightning `.ckpt` (weights under `state_dict`, `model.` prefix), the trainer's `.pth` and `torch.compile` prefixes load alike."
+    import argparse
+    ref, ns = reference_model('nano')
+    sd = ref.state_dict()
+    prefix = 'model._orig_mod.' if fmt == 'compiled' else 'model.'
+    payload = {'state_dict': {prefix + k: v for k, v in sd.items()}, 'hyper_parameters': {'num_queries': 300, 'group_detr': 13}}
+    if fmt == 'lightning_pth': payload = {'model': sd, 'state_dict': payload['state_dict'], 'model_name': 'RFDETRNano',
+                                          'args': argparse.Namespace(num_classes=90, class_names=None)}
+    torch.save(payload, tmp_path / 'x.ckpt')
+    rf = rfdetr_nb.RFDETR.from_checkpoint(tmp_path / 'x.ckpt', device='cpu') if fmt == 'lightning_pth' else \
+         rfdetr_nb.RFDETRNano(pretrain_weights=str(tmp_path / 'x.ckpt'), device='cpu')
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad(): assert_outputs_close(ref(x), rf.model.model(x))

@@ -28,8 +28,8 @@ def read_checkpoint(path) -> dict:
     if not path.is_file(): raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     if path.stat().st_size == 0: raise ValueError(f"Checkpoint {path} is empty (0 bytes); download or copy it again.")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):   # zip checkpoints are memory-mapped: read lazily, once
+            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
         raise ValueError(f"Checkpoint {path} could not be read as a PyTorch checkpoint "
                          f"(truncated, corrupt or another format): {str(e).splitlines()[0]}") from e

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 import supervision as sv
-from .config import (ModelConfig, TrainConfig, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
+from .config import (ModelConfig, TrainConfig, config_with, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
                               RFDETRBaseConfig, RFDETRLargeDeprecatedConfig, check_image_size, tiny_config)
 from .model import LWDETR, PostProcess
 from .backbone import fast_kernels
@@ -25,7 +25,7 @@ from .weights import maybe_download_pretrained
 __all__ = ['COCO_CLASSES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium', 'RFDETRLarge',
            'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map', 'load_image', 'to_tensor01',
            'preprocess', 'check_shape', 'Model', 'default_device', 'RFDETR', 'detector_class', 'to_detections',
-           'source_array', 'tiny_detector', 'resolve_dtype', 'variant_classes', 'infer_variant']
+           'source_array', 'tiny_detector', 'resolve_dtype', 'infer_variant']
 
 # %% ../nbs/08_api.ipynb #c005
 COCO_CLASSES = dict(enumerate("""person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant
@@ -122,10 +122,8 @@ class RFDETR:
     def get_model_config(self, **kwargs) -> ModelConfig:
         "This variant's config with the user's `kwargs` (the PE grid follows `resolution` where the variant does)."
         kwargs.setdefault('device', default_device())
-        cls = self.config_class
-        if getattr(cls, 'pe_follows_resolution', False) and 'resolution' in kwargs: kwargs.setdefault('positional_encoding_size', None)
-        if 'pretrain_weights' not in kwargs: kwargs['pretrain_weights'] = getattr(cls, 'pretrained_file', None)
-        return cls(**kwargs)
+        kwargs.setdefault('pretrain_weights', getattr(self.config_class, 'pretrained_file', None))
+        return config_with(self.config_class, **kwargs)
 
     @property
     def class_id_names(self) -> dict[int, str]:
@@ -250,20 +248,16 @@ RFDETR.remove_optimized_model = _remove_optimized_model
 RFDETR._run_optimized = _run_optimized
 
 # %% ../nbs/08_api.ipynb #c034
-def variant_classes() -> dict[str, type]:
-    "The detector classes by name."
-    return {c.__name__: c for c in RFDETR.__subclasses__() if c.size}
-
 def infer_variant(ckpt:dict, args:dict, path) -> type:
     "The detector class a checkpoint belongs to: `model_name`, else `args.pretrain_weights`, else the file name."
-    classes = variant_classes()
-    if ckpt.get('model_name') in classes: return classes[ckpt['model_name']]
-    by_file = {c.config_class.pretrained_file: c for c in classes.values()}
+    by_name = {c.__name__: c for c in VARIANTS.values()}
+    if ckpt.get('model_name') in by_name: return by_name[ckpt['model_name']]
+    by_file = {c.config_class.pretrained_file: c for c in VARIANTS.values()}
     fine_tuned_from = Path(str(args.get('pretrain_weights') or '')).name
     if fine_tuned_from in by_file: return by_file[fine_tuned_from]
     stem = Path(path).stem.lower().replace('_', '-')
-    for c in sorted(classes.values(), key=lambda c: -len(c.size)):   # 'large-deprecated' before 'large'
-        if c.size.removeprefix('rfdetr-') in stem: return c
+    for name in sorted(VARIANTS, key=len, reverse=True):            # 'large-deprecated' before 'large'
+        if name in stem: return VARIANTS[name]
     raise ValueError(f"Could not tell which RF-DETR variant {path} holds (no 'model_name', no known 'pretrain_weights', "
                      f"no variant in the file name): call e.g. RFDETRSmall.from_checkpoint({str(path)!r}) on the right class.")
 
@@ -282,7 +276,7 @@ RFDETR.from_checkpoint = classmethod(_from_checkpoint)
 def _checkpoint_payload(self:RFDETR) -> dict:
     "The model's weights with everything needed to rebuild it (class names included)."
     cfg = self.model.model.cfg
-    args = {**cfg.to_dict(), 'class_names': self.class_names, 'pretrain_weights': cfg.pretrain_weights}
+    args = {**cfg.to_dict(), 'class_names': self.class_names}
     return {'model': self.model.model.state_dict(), 'args': args, 'model_name': type(self).__name__}
 
 def _export_for_roboflow(self:RFDETR, output_dir) -> Path:

@@ -12,21 +12,19 @@ import supervision as sv
 from tqdm.auto import tqdm
 from .api import RFDETR, VARIANTS, detector_class, load_image
 from .tiling import predict_tiled
-from .viz import annotate
+from .viz import annotate, folder_images, IMAGE_EXTENSIONS
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'image_files', 'output_names', 'detections_to_json', 'predict_files', 'load_detector',
-           'build_parser', 'predict_command', 'main']
+__all__ = ['image_files', 'output_names', 'detections_to_json', 'predict_files', 'load_detector', 'build_parser',
+           'predict_command', 'main']
 
 # %% ../nbs/13_cli.ipynb #c005
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
-
 def image_files(inputs) -> list[Path]:
     "The image files named by `inputs` (files, or folders of images), in order and without repeats."
     files = []
     for s in map(Path, inputs):
         if s.is_dir():
-            found = sorted(p for p in s.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = folder_images(s)
             if not found: raise ValueError(f"The folder {s} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
             files += found
         elif s.is_file(): files.append(s)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, asdict, replace, fields
 # %% auto #0
 __all__ = ['ENCODERS', 'PROJECTOR_SCALES', 'RFDETRNanoConfig', 'RFDETRSmallConfig', 'RFDETRMediumConfig', 'RFDETRLargeConfig',
            'RFDETRBaseConfig', 'RFDETRLargeDeprecatedConfig', 'VARIANT_CONFIGS', 'nearest_valid_sizes',
-           'check_image_size', 'EncoderConfig', 'ModelConfig', 'variant_config', 'tiny_config', 'TrainConfig']
+           'check_image_size', 'EncoderConfig', 'ModelConfig', 'config_with', 'variant_config', 'tiny_config',
+           'TrainConfig']
 
 # %% ../nbs/00_config.ipynb #c006
 def _check_positive_int(name, v):
@@ -155,13 +156,16 @@ VARIANT_CONFIGS = {c.size: c for c in (RFDETRNanoConfig, RFDETRSmallConfig, RFDE
                                        RFDETRBaseConfig, RFDETRLargeDeprecatedConfig)}
 
 # %% ../nbs/00_config.ipynb #c018
-def variant_config(size:str, **overrides) -> ModelConfig:
-    "The config of variant `size` (e.g. `'rfdetr-small'`), with `overrides`; `resolution` resizes the PE grid where the variant does."
-    if size not in VARIANT_CONFIGS: raise ValueError(f"Unknown variant {size!r}; use one of {list(VARIANT_CONFIGS)}.")
-    cls = VARIANT_CONFIGS[size]
-    if cls.pe_follows_resolution and 'resolution' in overrides and 'positional_encoding_size' not in overrides:
-        overrides['positional_encoding_size'] = None
+def config_with(cls:type, **overrides) -> ModelConfig:
+    "A `cls` config with `overrides`; a new `resolution` resizes the PE grid where the variant's grid follows it."
+    if getattr(cls, 'pe_follows_resolution', False) and 'resolution' in overrides:
+        overrides.setdefault('positional_encoding_size', None)
     return cls(**overrides)
+
+def variant_config(size:str, **overrides) -> ModelConfig:
+    "The config of variant `size` (e.g. `'rfdetr-small'`), with `overrides`."
+    if size not in VARIANT_CONFIGS: raise ValueError(f"Unknown variant {size!r}; use one of {list(VARIANT_CONFIGS)}.")
+    return config_with(VARIANT_CONFIGS[size], **overrides)
 
 # %% ../nbs/00_config.ipynb #c023
 def tiny_config(**overrides) -> ModelConfig:

@@ -17,11 +17,12 @@ import torch
 import ipywidgets as widgets
 from PIL import Image, ImageDraw
 import supervision as sv
-from .api import load_image, to_tensor01, preprocess
+from .api import load_image, to_tensor01, preprocess, source_array
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'annotate', 'class_names_of', 'filter_detections', 'detections_table', 'image_sources', 'as_pil',
-           'png_bytes', 'DetectionViewer', 'captured_inputs', 'Attention', 'attention_points', 'draw_attention']
+__all__ = ['IMAGE_EXTENSIONS', 'annotate', 'class_names_of', 'filter_detections', 'detections_table', 'folder_images',
+           'image_sources', 'as_pil', 'png_bytes', 'DetectionViewer', 'captured_inputs', 'Attention',
+           'attention_points', 'draw_attention']
 
 # %% ../nbs/11_viz.ipynb #c005
 def annotate(image, det:sv.Detections, boxes:bool=True, labels:bool=True) -> Image.Image:
@@ -58,10 +59,14 @@ def detections_table(det:sv.Detections) -> pd.DataFrame:
 # %% ../nbs/11_viz.ipynb #c014
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
+def folder_images(folder) -> list[Path]:
+    "The image files directly in `folder` (by extension), sorted by name."
+    return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+
 def image_sources(images) -> list:
     "A folder, one image or a list of images → the list of images to show."
     if isinstance(images, (str, Path)) and Path(images).is_dir():
-        files = sorted(f for f in Path(images).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        files = folder_images(images)
         if not files: raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in the folder {images}.")
         return files
     srcs = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -72,8 +77,7 @@ def as_pil(image) -> Image.Image:
     "Any image `predict` accepts → an RGB PIL image."
     if isinstance(image, Image.Image): return image.convert('RGB')
     if isinstance(image, (str, Path)): return load_image(image)
-    arr = to_tensor01(image).permute(1, 2, 0).cpu().numpy()                    # [H,W,3] in [0,1]
-    return Image.fromarray((arr * 255).round().astype(np.uint8))
+    return Image.fromarray(source_array(to_tensor01(image).cpu()))
 
 def png_bytes(image:Image.Image) -> bytes:
     "`image` encoded as PNG."

@@ -17,7 +17,6 @@ import supervision as sv
 from .config import (ModelConfig, TrainConfig, config_with, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
                               RFDETRBaseConfig, RFDETRLargeDeprecatedConfig, check_image_size, tiny_config)
 from .model import LWDETR, PostProcess
-from .backbone import fast_kernels
 from .checkpoint import load_weights, read_checkpoint, checkpoint_args, checkpoint_state_dict
 from .weights import maybe_download_pretrained
 
@@ -221,8 +220,8 @@ def _optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dt
     net = copy.deepcopy(m.model).export().to(dtype)
     if compile:
         x = torch.randn(batch_size, 3, m.resolution, m.resolution, device=m.device, dtype=dtype)
-        with torch.inference_mode(False), torch.no_grad(), fast_kernels(False), warnings.catch_warnings():
-            warnings.simplefilter('ignore')                 # TorchScript records PyTorch's own kernels
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')                 # TorchScript's tracer warnings about Python values
             net = torch.jit.trace(net, x)
     m.inference_model, m.optimized = net, dict(compile=compile, batch_size=batch_size, dtype=dtype)
     return self
@@ -243,7 +242,7 @@ def _run_optimized(self:RFDETR, batch:torch.Tensor) -> dict:
     boxes, logits = m.inference_model(batch.to(opt['dtype']))
     return {'pred_boxes': boxes.float(), 'pred_logits': logits.float()}
 
-RFDETR.optimize_for_inference = _optimize_for_inference
+RFDETR.optimize_for_inference = RFDETR.inference = _optimize_for_inference   # `inference` is rfdetr 1.11's name
 RFDETR.remove_optimized_model = _remove_optimized_model
 RFDETR._run_optimized = _run_optimized
 

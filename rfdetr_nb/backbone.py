@@ -88,14 +88,21 @@ def use_fast_kernels(x:torch.Tensor) -> bool:
     "Whether the oneDNN inference kernels apply to `x`."
     return _fast['on'] and x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
+def _onednn_linear(x, weight, bias, gelu):
+    "oneDNN's inference `linear`, with the exact GELU fused when `gelu`."
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
+
+if not hasattr(torch.ops.rfdetr_nb, 'onednn_linear'):   # once per process: the notebook and the module share it
+    torch.library.custom_op('rfdetr_nb::onednn_linear', _onednn_linear, mutates_args=(),
+                            schema='(Tensor x, Tensor weight, Tensor bias, bool gelu) -> Tensor')
+
 def linear(x, weight, bias, gelu=False):
     "`F.linear` (then exact GELU if `gelu`), through oneDNN with the GELU fused when the fast kernels apply."
-    if use_fast_kernels(x):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
+    if use_fast_kernels(x): return torch.ops.rfdetr_nb.onednn_linear(x, weight, bias, gelu)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
-# %% ../nbs/01_backbone.ipynb #c017
+# %% ../nbs/01_backbone.ipynb #c019
 class SelfAttention(nn.Module):
     "Multi-head self-attention with separate query/key/value projections (checkpoint layout)."
     def __init__(self, hidden, heads):
@@ -135,7 +142,7 @@ class Mlp(nn.Module):
         self.fc1, self.fc2 = nn.Linear(hidden, mlp_hidden), nn.Linear(mlp_hidden, hidden)
     def forward(self, x): return linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
 
-# %% ../nbs/01_backbone.ipynb #c018
+# %% ../nbs/01_backbone.ipynb #c020
 class DropPath(nn.Module):
     "Stochastic depth: drop the residual branch of whole samples with probability `p` in training."
     def __init__(self, p=0.):
@@ -168,7 +175,7 @@ class Block(nn.Module):
         x = x + self.drop_path(self.layer_scale1(self.attention(h).view(x.shape)))
         return x + self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
 
-# %% ../nbs/01_backbone.ipynb #c020
+# %% ../nbs/01_backbone.ipynb #c022
 def global_blocks(out_feature_indexes) -> set:
     "Indexes of the blocks that attend over the whole image."
     return set(out_feature_indexes)
@@ -205,7 +212,7 @@ class WindowedDinov2(nn.Module):
                 outs.append(from_windows(self.layernorm(h)[:, self.num_skip:], hp, wp, self.num_windows))
         return outs
 
-# %% ../nbs/01_backbone.ipynb #c027
+# %% ../nbs/01_backbone.ipynb #c029
 @torch.no_grad()
 def freeze_positions(emb:Embeddings, h:int, w:int):
     "Replace `emb.position_embeddings` by the grid interpolated for an `h × w` image."

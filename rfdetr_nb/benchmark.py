@@ -6,7 +6,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/benchmark.html.md"""
 
 # %% ../nbs/09_benchmark.ipynb #c002
 from __future__ import annotations
-import argparse, json, os, resource, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, resource, statistics, subprocess, sys, tempfile, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from .model import LWDETR
 from .api import detector_class
 
 # %% auto #0
-__all__ = ['median_times', 'random_checkpoint', 'build_detector', 'reference_available', 'rss_mb', 'peak_growth_mb',
+__all__ = ['OPTIMIZED', 'median_times', 'random_checkpoint', 'build_detector', 'reference_available', 'rss_mb', 'peak_growth_mb',
            'forward_peak_mb', 'forward_peak_mb_subprocess', 'time_detectors', 'report', 'main']
 
 # %% ../nbs/09_benchmark.ipynb #c005
@@ -88,19 +88,28 @@ def forward_peak_mb_subprocess(impl:str, size:str, weights) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 # %% ../nbs/09_benchmark.ipynb #c012
-def time_detectors(dets:dict, warmup:int, runs:int, predict:bool) -> dict:
-    "Forward (and `predict`) median latency in ms of each detector in `dets`."
+OPTIMIZED = {'predict_traced_ms': dict(compile=True, dtype=torch.float32),
+             'predict_bf16_ms': dict(compile=True, dtype=torch.bfloat16)}
+
+def time_detectors(dets:dict, warmup:int, runs:int, predict:bool, optimized:bool=False) -> dict:
+    "Forward, `predict` and (if `optimized`) optimised-`predict` median latency in ms of each detector in `dets`."
     inputs = {k: torch.randn(1, 3, d.model.resolution, d.model.resolution) for k, d in dets.items()}
     with torch.inference_mode():
         fwd = median_times({k: (lambda d=d, x=inputs[k]: d.model.model.eval()(x)) for k, d in dets.items()}, warmup, runs)
     out = {k: {'forward_ms': v * 1e3} for k, v in fwd.items()}
-    if predict:
-        img = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
-        for k, v in median_times({k: (lambda d=d: d.predict(img, threshold=0.5)) for k, d in dets.items()}, warmup, runs).items():
-            out[k]['predict_ms'] = v * 1e3
+    img = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
+    predicts = {k: (lambda d=d: d.predict(img, threshold=0.5)) for k, d in dets.items()}
+    settings = ({'predict_ms': None} if predict else {}) | (OPTIMIZED if optimized else {})
+    for key, opt in settings.items():
+        for d in dets.values():
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', torch.jit.TracerWarning)   # the reference's tracing is chatty
+                if opt: d.inference(**opt)
+        for k, v in median_times(predicts, warmup, runs).items(): out[k][key] = v * 1e3
+        for d in dets.values(): d.remove_optimized_model()
     return out
 
-# %% ../nbs/09_benchmark.ipynb #c014
+# %% ../nbs/09_benchmark.ipynb #c015
 def report(name:str, ours:float, ref:float|None, unit:str) -> str:
     "One result line, with the ratio to the reference when there is one."
     line = f"{name:<22} rfdetr_nb {ours:9.1f} {unit}"
@@ -112,6 +121,7 @@ def main(model:str='small',       # variant: nano, small, medium, large, base or
          warmup:int=3,            # untimed runs first
          threads:int=None,        # torch threads (default: torch's choice)
          predict:bool=True,       # also time `predict()` end to end on a 640×480 image
+         optimized:bool=False,    # also time `predict()` after `inference()`: float32 traced, and bfloat16 traced
          memory:bool=False,       # also measure forward peak memory (fresh processes)
          reference:bool=True,     # include the reference rfdetr when it is installed
          json_out:str=None):      # write the results as JSON to this file
@@ -125,10 +135,10 @@ def main(model:str='small',       # variant: nano, small, medium, large, base or
     with tempfile.TemporaryDirectory() as d:
         w = random_checkpoint(size, Path(d) / 'weights.pth')
         res = time_detectors({impl: build_detector(impl, size, w) for impl in (['ours', 'reference'] if use_ref else ['ours'])},
-                             warmup, runs, predict)
+                             warmup, runs, predict, optimized)
         if memory:
             for impl in res: res[impl]['forward_peak_mb'] = forward_peak_mb_subprocess(impl, size, w)
-    for key, unit in (('forward_ms', 'ms'), ('predict_ms', 'ms'), ('forward_peak_mb', 'MiB')):
-        if key in res['ours']: print(report(key, res['ours'][key], res.get('reference', {}).get(key), unit))
+    for key in res['ours']:
+        print(report(key, res['ours'][key], res.get('reference', {}).get(key), 'MiB' if key.endswith('_mb') else 'ms'))
     if json_out: Path(json_out).write_text(json.dumps({'model': size, 'threads': torch.get_num_threads(), **res}, indent=2))
     return res

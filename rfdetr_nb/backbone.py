@@ -92,9 +92,14 @@ def _onednn_linear(x, weight, bias, gelu):
     "oneDNN's inference `linear`, with the exact GELU fused when `gelu`."
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
 
+def _onednn_linear_shape(x, weight, bias, gelu):
+    "The output of `_onednn_linear` without computing it (for `torch.compile` and other tracers)."
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
 if not hasattr(torch.ops.rfdetr_nb, 'onednn_linear'):   # once per process: the notebook and the module share it
     torch.library.custom_op('rfdetr_nb::onednn_linear', _onednn_linear, mutates_args=(),
-                            schema='(Tensor x, Tensor weight, Tensor bias, bool gelu) -> Tensor')
+                            schema='(Tensor x, Tensor weight, Tensor bias, bool gelu) -> Tensor'
+                            ).register_fake(_onednn_linear_shape)
 
 def linear(x, weight, bias, gelu=False):
     "`F.linear` (then exact GELU if `gelu`), through oneDNN with the GELU fused when the fast kernels apply."

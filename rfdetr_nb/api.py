@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 import supervision as sv
 from .config import (ModelConfig, TrainConfig, config_with, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
-                              RFDETRBaseConfig, RFDETRLargeDeprecatedConfig, check_image_size, tiny_config)
+                              RFDETRBaseConfig, RFDETRLargeDeprecatedConfig, check_image_size, check_positive_int, tiny_config)
 from .model import LWDETR, PostProcess
 from .checkpoint import load_weights, read_checkpoint, checkpoint_args, checkpoint_state_dict
 from .weights import maybe_download_pretrained
@@ -23,8 +23,8 @@ from .weights import maybe_download_pretrained
 # %% auto #0
 __all__ = ['COCO_CLASSES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium', 'RFDETRLarge',
            'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map', 'load_image', 'to_tensor01',
-           'preprocess', 'check_shape', 'Model', 'default_device', 'RFDETR', 'detector_class', 'to_detections',
-           'source_array', 'tiny_detector', 'resolve_dtype', 'infer_variant']
+           'preprocess', 'check_shape', 'Model', 'default_device', 'RFDETR', 'detector_class', 'class_name',
+           'to_detections', 'source_array', 'tiny_detector', 'resolve_dtype', 'infer_variant']
 
 # %% ../nbs/08_api.ipynb #c005
 COCO_CLASSES = dict(enumerate("""person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant
@@ -156,12 +156,16 @@ def detector_class(name:str) -> type:
     return VARIANTS[key]
 
 # %% ../nbs/08_api.ipynb #c021
+def class_name(names:dict, class_id) -> str:
+    "The name of `class_id` in `names`, else `class_{id}` (a head slot the names do not cover)."
+    return names.get(int(class_id), f'class_{int(class_id)}')
+
 def to_detections(result:dict, names:dict, threshold:float, source=None) -> sv.Detections:
     "One post-processed image → `sv.Detections` above `threshold`, with class names."
     keep = result['scores'] > threshold
     ids = result['labels'][keep].cpu().numpy()
     det = sv.Detections(xyxy=result['boxes'][keep].float().cpu().numpy(), confidence=result['scores'][keep].float().cpu().numpy(),
-                        class_id=ids, data={'class_name': np.array([names.get(int(i), f'class_{i}') for i in ids], dtype=str)})
+                        class_id=ids, data={'class_name': np.array([class_name(names, i) for i in ids], dtype=str)})
     if source is not None: det.metadata['source_image'] = source
     return det
 
@@ -213,8 +217,7 @@ def resolve_dtype(dtype) -> torch.dtype:
 def _optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dtype=torch.float32):
     "Build `rf.model.inference_model`: an export-mode copy in `dtype`, traced for `batch_size` if `compile`."
     dtype = resolve_dtype(dtype)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    check_positive_int('batch_size', batch_size)
     self.remove_optimized_model()
     m = self.model
     net = copy.deepcopy(m.model).export().to(dtype)

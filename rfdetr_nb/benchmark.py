@@ -101,12 +101,12 @@ def time_detectors(dets:dict, warmup:int, runs:int, predict:bool, optimized:bool
     predicts = {k: (lambda d=d: d.predict(img, threshold=0.5)) for k, d in dets.items()}
     settings = ({'predict_ms': None} if predict else {}) | (OPTIMIZED if optimized else {})
     for key, opt in settings.items():
-        for d in dets.values():
+        if opt:
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', torch.jit.TracerWarning)   # the reference's tracing is chatty
-                if opt: d.inference(**opt)
+                for d in dets.values(): d.inference(**opt)                 # replaces the previous optimised copy
         for k, v in median_times(predicts, warmup, runs).items(): out[k][key] = v * 1e3
-        for d in dets.values(): d.remove_optimized_model()
+    for d in dets.values(): d.remove_optimized_model()
     return out
 
 # %% ../nbs/09_benchmark.ipynb #c015
@@ -120,10 +120,10 @@ def main(model:str='small',       # variant: nano, small, medium, large, base or
          runs:int=10,             # timed runs (median reported)
          warmup:int=3,            # untimed runs first
          threads:int=None,        # torch threads (default: torch's choice)
-         predict:bool=True,       # also time `predict()` end to end on a 640×480 image
+         predict:bool=True,       # time `predict()` end to end on a 640×480 image (`--no-predict`: skip it)
          optimized:bool=False,    # also time `predict()` after `inference()`: float32 traced, and bfloat16 traced
          memory:bool=False,       # also measure forward peak memory (fresh processes)
-         reference:bool=True,     # include the reference rfdetr when it is installed
+         reference:bool=True,     # compare with the reference rfdetr when installed (`--no-reference`: ours only)
          json_out:str=None):      # write the results as JSON to this file
     "Time rfdetr_nb (and the reference rfdetr) on the same random weights."
     size = model if model.startswith('rfdetr-') else f'rfdetr-{model}'

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field, asdict, replace, fields
 
 # %% auto #0
 __all__ = ['ENCODERS', 'PROJECTOR_SCALES', 'RFDETRNanoConfig', 'RFDETRSmallConfig', 'RFDETRMediumConfig', 'RFDETRLargeConfig',
-           'RFDETRBaseConfig', 'RFDETRLargeDeprecatedConfig', 'VARIANT_CONFIGS', 'nearest_valid_sizes',
-           'check_image_size', 'EncoderConfig', 'ModelConfig', 'config_with', 'variant_config', 'tiny_config',
-           'TrainConfig']
+           'RFDETRBaseConfig', 'RFDETRLargeDeprecatedConfig', 'VARIANT_CONFIGS', 'check_positive_int',
+           'nearest_valid_sizes', 'check_image_size', 'EncoderConfig', 'ModelConfig', 'config_with', 'variant_config',
+           'tiny_config', 'TrainConfig']
 
 # %% ../nbs/00_config.ipynb #c006
-def _check_positive_int(name, v):
+def check_positive_int(name:str, v):
+    "Raise a `ValueError` naming `name` unless `v` is a positive int (bools rejected)."
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v!r}.")
 
@@ -26,7 +27,7 @@ def nearest_valid_sizes(size:int, block:int) -> tuple[int, int]:
 
 def check_image_size(name:str, size, block:int):
     "Raise a clear `ValueError` unless `size` is a positive int divisible by `block`."
-    _check_positive_int(name, size)
+    check_positive_int(name, size)
     if size % block:
         lo, hi = nearest_valid_sizes(size, block)
         raise ValueError(f"{name}={size} is not divisible by the block size {block} (patch_size × num_windows); "
@@ -44,7 +45,7 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
-        for n in ('hidden_size', 'num_heads', 'num_layers', 'mlp_ratio'): _check_positive_int(n, getattr(self, n))
+        for n in ('hidden_size', 'num_heads', 'num_layers', 'mlp_ratio'): check_positive_int(n, getattr(self, n))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"EncoderConfig: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}.")
 
@@ -107,7 +108,7 @@ class ModelConfig:
         "Raise a `ValueError` naming the first field that cannot build a model."
         for f in ('hidden_dim', 'patch_size', 'num_windows', 'dec_layers', 'sa_nheads', 'ca_nheads', 'dec_n_points',
                   'num_queries', 'num_select', 'group_detr', 'positional_encoding_size', 'num_classes', 'dim_feedforward'):
-            _check_positive_int(f, getattr(self, f))
+            check_positive_int(f, getattr(self, f))
         enc = self.encoder_config
         check_image_size('resolution', self.resolution, self.block_size)
         for h in ('sa_nheads', 'ca_nheads'):
@@ -135,8 +136,7 @@ def _variant(name, size, weights, pe_follows=True, **defaults):
     ns = {'__annotations__': {k: type(v) for k, v in defaults.items()}, **defaults,
           '__doc__': f"Architecture of {name} (official weights: {weights}).",
           'size': size, 'pretrained_file': weights, 'pe_follows_resolution': pe_follows}
-    cls = dataclass(type(name, (ModelConfig,), ns))
-    return cls
+    return dataclass(type(name, (ModelConfig,), ns))
 
 # %% ../nbs/00_config.ipynb #c017
 RFDETRNanoConfig   = _variant('RFDETRNanoConfig', 'rfdetr-nano', 'rf-detr-nano.pth', dec_layers=2, resolution=384)
@@ -209,7 +209,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in ('epochs', 'batch_size', 'grad_accum_steps', 'lr_drop', 'checkpoint_interval', 'eval_max_dets'):
-            _check_positive_int(f, getattr(self, f))
+            check_positive_int(f, getattr(self, f))
         for f in ('lr', 'lr_encoder'):
             if not getattr(self, f) > 0: raise ValueError(f"{f} must be > 0, got {getattr(self, f)}.")
         if self.lr_scheduler not in ('step', 'cosine'): raise ValueError(f"lr_scheduler must be 'step' or 'cosine', got {self.lr_scheduler!r}.")

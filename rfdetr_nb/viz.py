@@ -17,29 +17,28 @@ import torch
 import ipywidgets as widgets
 from PIL import Image, ImageDraw
 import supervision as sv
-from .api import load_image, to_tensor01, preprocess, source_array
+from .api import load_image, to_tensor01, preprocess, source_array, class_name
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'annotate', 'class_names_of', 'filter_detections', 'detections_table', 'folder_images',
+__all__ = ['IMAGE_EXTENSIONS', 'class_names_of', 'annotate', 'filter_detections', 'detections_table', 'folder_images',
            'image_sources', 'as_pil', 'png_bytes', 'DetectionViewer', 'captured_inputs', 'Attention',
            'attention_points', 'draw_attention']
 
 # %% ../nbs/11_viz.ipynb #c005
+def class_names_of(det:sv.Detections) -> np.ndarray:
+    "Each detection's class name (its id as text when `det` carries no names)."
+    return det.data.get('class_name', det.class_id.astype(str))
+
 def annotate(image, det:sv.Detections, boxes:bool=True, labels:bool=True) -> Image.Image:
     "A copy of `image` (PIL or HWC uint8 array) with `det`'s boxes and `name score` labels drawn."
     scene = np.array(image.convert('RGB') if isinstance(image, Image.Image) else image)
     if boxes: scene = sv.BoxAnnotator().annotate(scene, det)
     if labels and len(det):
-        names = det.data.get('class_name', det.class_id)
-        text = [f"{n} {c:.2f}" for n, c in zip(names, det.confidence)]
+        text = [f"{n} {c:.2f}" for n, c in zip(class_names_of(det), det.confidence)]
         scene = sv.LabelAnnotator().annotate(scene, det, labels=text)
     return Image.fromarray(scene)
 
 # %% ../nbs/11_viz.ipynb #c008
-def class_names_of(det:sv.Detections) -> np.ndarray:
-    "Each detection's class name (its id as text when `det` carries no names)."
-    return det.data.get('class_name', det.class_id.astype(str))
-
 def filter_detections(det:sv.Detections, threshold:float=0.0, classes=None) -> sv.Detections:
     "The detections with confidence above `threshold` and, unless `classes` is None, a class name or id in `classes`."
     keep = det.confidence > threshold
@@ -228,7 +227,7 @@ def attention_points(rf, image, threshold:float=0.5, layer:int=-1) -> list[Atten
     loc = loc * loc.new_tensor([w, h])                                        # original pixels
     res = m.postprocess(out, torch.tensor([[h, w]], device=m.device))[0]
     names = rf.class_id_names
-    return [Attention(int(q), int(c), names.get(int(c), f'class_{c}'), float(s), b.float().cpu().numpy(),
+    return [Attention(int(q), int(c), class_name(names, c), float(s), b.float().cpu().numpy(),
                       loc[0, q].float().cpu().numpy(), weights[0, q].float().cpu().numpy())
             for q, c, s, b in zip(res['queries'], res['labels'], res['scores'], res['boxes']) if s > threshold]
 

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from oracle import reference_model, save_official
 import rfdetr_nb
+from rfdetr_nb.backbone import fast_kernels
 
 
 @pytest.fixture(scope='module')
@@ -71,6 +72,17 @@ def test_optimized_predict_matches_reference(nano_pair, compile):
     ours.optimize_for_inference(compile=compile, dtype='float32')
     try: assert_same(ref.predict(im, threshold=0.05), ours.predict(im, threshold=0.05))
     finally: ours.remove_optimized_model()
+
+def test_traced_fast_kernels_match_reference(nano_pair):
+    "Traced with the default (oneDNN) kernels on, the optimised model keeps them and still matches the reference."
+    ref, ours = nano_pair
+    im = images()[0]
+    with fast_kernels(True):
+        ours.optimize_for_inference(compile=True)
+        try:
+            assert 'rfdetr_nb::onednn_linear' in str(ours.model.inference_model.inlined_graph)
+            assert_same(ref.predict(im, threshold=0.05), ours.predict(im, threshold=0.05))
+        finally: ours.remove_optimized_model()
 
 def test_from_checkpoint_keeps_class_names(tmp_path, nano_pair):
     "Fine-tuned heads are 0-based and their names travel in the checkpoint; COCO heads use sparse ids."

@@ -20,22 +20,31 @@ import supervision as sv
 from .api import load_image, to_tensor01, preprocess, source_array, class_name
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'class_names_of', 'annotate', 'filter_detections', 'detections_table', 'folder_images',
-           'image_sources', 'as_pil', 'png_bytes', 'DetectionViewer', 'captured_inputs', 'Attention',
-           'attention_points', 'draw_attention']
+__all__ = ['IMAGE_EXTENSIONS', 'class_names_of', 'text_colours', 'annotate', 'filter_detections', 'detections_table',
+           'folder_images', 'image_sources', 'as_pil', 'png_bytes', 'DetectionViewer', 'captured_inputs', 'Attention',
+           'attention_points', 'zoom_window', 'draw_attention']
 
 # %% ../nbs/09_viz.ipynb #c005
 def class_names_of(det:sv.Detections) -> np.ndarray:
     "Each detection's class name (its id as text when `det` carries no names)."
     return det.data.get('class_name', det.class_id.astype(str))
 
+def text_colours(palette:sv.ColorPalette=sv.ColorPalette.DEFAULT) -> sv.ColorPalette:
+    "Black or white for each colour of `palette`, whichever reads better on it (ITU-R 601 luminance)."
+    return sv.ColorPalette([sv.Color.BLACK if .299 * c.r + .587 * c.g + .114 * c.b > 150 else sv.Color.WHITE
+                            for c in palette.colors])
+
 def annotate(image, det:sv.Detections, boxes:bool=True, labels:bool=True) -> Image.Image:
     "A copy of `image` (PIL or HWC uint8 array) with `det`'s boxes and `name score` labels drawn."
     scene = np.array(image.convert('RGB') if isinstance(image, Image.Image) else image)
-    if boxes: scene = sv.BoxAnnotator().annotate(scene, det)
+    wh = scene.shape[1::-1]
+    thickness = sv.calculate_optimal_line_thickness(wh)
+    if boxes: scene = sv.BoxAnnotator(thickness=thickness).annotate(scene, det)
     if labels and len(det):
         text = [f"{n} {c:.2f}" for n, c in zip(class_names_of(det), det.confidence)]
-        scene = sv.LabelAnnotator().annotate(scene, det, labels=text)
+        scale = max(.4, sv.calculate_optimal_text_scale(wh))      # OpenCV's font blurs below 0.4
+        scene = sv.LabelAnnotator(text_color=text_colours(), text_scale=scale, text_thickness=max(1, round(scale * 1.5)),
+                                  text_padding=round(6 * scale), smart_position=True).annotate(scene, det, labels=text)
     return Image.fromarray(scene)
 
 # %% ../nbs/09_viz.ipynb #c008
@@ -87,41 +96,58 @@ def png_bytes(image:Image.Image) -> bytes:
 # %% ../nbs/09_viz.ipynb #c017
 class DetectionViewer:
     "Browse `images` (a folder or a list) with `rf`'s detections, filtered live by threshold and class."
-    def __init__(self, rf, images, threshold:float=0.5, min_threshold:float=0.0, width:int=640):
+    def __init__(self, rf, images, threshold:float=0.5, min_threshold:float=0.05, width:int=640):
         if threshold < min_threshold:
             raise ValueError(f"threshold={threshold} is below min_threshold={min_threshold}, the level images are predicted at.")
         self.rf, self.sources, self.min_threshold = rf, image_sources(images), min_threshold
-        self._cache, self._index, self._syncing = {}, 0, False
+        self._cache, self._index, self._syncing, self._selected = {}, 0, False, None
         self.prev_button, self.next_button = widgets.Button(description='◀ prev'), widgets.Button(description='next ▶')
-        self.position = widgets.Label()
+        self.position, self.busy = widgets.Label(), widgets.HTML()
         self.threshold = widgets.FloatSlider(value=threshold, min=min_threshold, max=1.0, step=0.01, description='threshold')
-        self.classes = widgets.SelectMultiple(description='classes', rows=6)
+        self.all_button, self.none_button = widgets.Button(description='all'), widgets.Button(description='none')
+        self.classes = widgets.VBox(layout=widgets.Layout(max_height='180px', overflow='auto'))
         self.show_boxes = widgets.Checkbox(value=True, description='boxes')
         self.show_labels = widgets.Checkbox(value=True, description='labels')
         self.image = widgets.Image(format='png', width=width)
         self.table = widgets.HTML(layout=widgets.Layout(max_height='320px', overflow='auto'))
         self.prev_button.on_click(lambda _: self.prev())
         self.next_button.on_click(lambda _: self.next())
-        for w in (self.threshold, self.classes, self.show_boxes, self.show_labels): w.observe(self._changed, 'value')
+        self.all_button.on_click(lambda _: self.select_classes(None))
+        self.none_button.on_click(lambda _: self.select_classes([]))
+        for w in (self.threshold, self.show_boxes, self.show_labels): w.observe(self._changed, 'value')
         self.widget = widgets.VBox([
-            widgets.HBox([self.prev_button, self.next_button, self.position]),
-            widgets.HBox([widgets.VBox([self.threshold, self.show_boxes, self.show_labels]), self.classes]),
+            widgets.HBox([self.prev_button, self.next_button, self.position, self.busy]),
+            widgets.HBox([widgets.VBox([self.threshold, self.show_boxes, self.show_labels]),
+                          widgets.VBox([widgets.HBox([self.all_button, self.none_button]), self.classes])]),
             self.image, self.table])
         self._load()
 
     def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
+    def _ipython_display_(self):
+        "Show the live widget, then a static snapshot for notebooks and docs seen without a kernel."
+        from IPython.display import display, Markdown
+        display(self.widget)
+        display(Markdown('*Static snapshot of the viewer (what a saved notebook shows without its kernel):*'), self.snapshot())
     def _changed(self, change):
         if not self._syncing: self.refresh()
 
 # %% ../nbs/09_viz.ipynb #c019
+@contextmanager
+def _busy(self:DetectionViewer, message:str):
+    "Disable the navigation and show `message` while the block runs."
+    self.busy.value, self.prev_button.disabled, self.next_button.disabled = f'⏳ <i>{message}</i>', True, True
+    try: yield
+    finally: self.busy.value = ''
+
 @patch
 def _load(self:DetectionViewer):
     "Load the current image, predicting it at `min_threshold` on first sight, and refresh."
     src = self.sources[self._index]
     self.current_image = as_pil(src)
     if self._index not in self._cache:
-        self._cache[self._index] = self.rf.predict(self.current_image, threshold=self.min_threshold,
-                                                   include_source_image=False)
+        with _busy(self, f'predicting image {self._index + 1} …'):
+            self._cache[self._index] = self.rf.predict(self.current_image, threshold=self.min_threshold,
+                                                       include_source_image=False)
     self.refresh()
 
 @patch(as_prop=True)
@@ -150,26 +176,52 @@ def prev(self:DetectionViewer):
 def all_detections(self:DetectionViewer) -> sv.Detections: return self._cache[self._index]
 
 @patch(as_prop=True)
+def selected_classes(self:DetectionViewer) -> frozenset|None:
+    "The class names shown (None: every class)."
+    return self._selected
+
+@patch
+def select_classes(self:DetectionViewer, names=None):
+    "Show only the classes `names` (None: all of them) and refresh."
+    self._selected = None if names is None else frozenset(names)
+    self.refresh()
+
+@patch
+def toggle_class(self:DetectionViewer, name:str):
+    "Show `name` if hidden, hide it if shown."
+    shown = set(self._offered) if self._selected is None else set(self._selected)
+    self.select_classes(shown ^ {name})
+
+@patch(as_prop=True)
 def current_detections(self:DetectionViewer) -> sv.Detections:
-    "The current image's detections that pass the threshold and the class selection (none selected: all classes)."
-    return filter_detections(self.all_detections, self.threshold.value, self.classes.value or None)
+    "The current image's detections that pass the threshold and the class selection."
+    return filter_detections(self.all_detections, self.threshold.value, self._selected)
 
 @patch
 def render(self:DetectionViewer) -> Image.Image:
     "The current image annotated with `current_detections`, boxes and labels as the checkboxes say."
     return annotate(self.current_image, self.current_detections, boxes=self.show_boxes.value, labels=self.show_labels.value)
 
+@patch
+def snapshot(self:DetectionViewer, width:int=480) -> Image.Image:
+    "A static copy of the current view (the annotated image), `width` pixels wide."
+    img = self.render()
+    return img.resize((width, max(1, round(img.height * width / img.width))), Image.BILINEAR)
+
 # %% ../nbs/09_viz.ipynb #c023
 @patch
 def _sync_classes(self:DetectionViewer):
-    "Offer the classes above the threshold (with counts) and the selected ones, keeping the selection."
+    "One checkbox per class above the threshold (with its count) or selected, ticked when shown."
     names, counts = np.unique(class_names_of(filter_detections(self.all_detections, self.threshold.value)), return_counts=True)
-    count, selected = dict(zip(names.tolist(), counts.tolist())), self.classes.value
-    self._syncing = True
-    try:
-        self.classes.options = [(f'{n} ({count.get(n, 0)})', n) for n in sorted(set(count) | set(selected))]
-        self.classes.value = selected
-    finally: self._syncing = False
+    count = dict(zip(names.tolist(), counts.tolist()))
+    self._offered = sorted(set(count) | set(self._selected or ()))
+    boxes = []
+    for n in self._offered:
+        cb = widgets.Checkbox(value=self._selected is None or n in self._selected, description=f'{n} ({count.get(n, 0)})',
+                              indent=False)
+        cb.observe(lambda change, n=n: self.toggle_class(n), 'value')
+        boxes.append(cb)
+    self.classes.children = boxes
 
 @patch
 def refresh(self:DetectionViewer):
@@ -232,14 +284,28 @@ def attention_points(rf, image, threshold:float=0.5, layer:int=-1) -> list[Atten
             for q, c, s, b in zip(res['queries'], res['labels'], res['scores'], res['boxes']) if s > threshold]
 
 # %% ../nbs/09_viz.ipynb #c046
-def draw_attention(image, points, weights, box=None, radius:float|None=None) -> Image.Image:
-    "A copy of `image` with sampling `points` `[H,...,2]` (pixels) drawn as discs sized by `weights` `[H,...]`, coloured by head."
-    img = as_pil(image).convert('RGBA')
+def zoom_window(box, zoom:float=2.) -> tuple[int, int, int, int]:
+    "The integer square (x0, y0, x1, y1) centred on `box`, `zoom` times its longer side."
+    x0, y0, x1, y1 = map(float, box)
+    half = max(1, round(zoom * max(x1 - x0, y1 - y0) / 2))
+    cx, cy = round((x0 + x1) / 2), round((y0 + y1) / 2)
+    return cx - half, cy - half, cx + half, cy + half
+
+def draw_attention(image, points, weights, box=None, radius:float|None=None, zoom:float|None=2.,
+                   size:int=320) -> Image.Image:
+    "`image` with sampling `points` `[H,...,2]` (pixels) as discs sized by `weights` `[H,...]`, coloured by head; zoomed on `box`."
+    img = as_pil(image)
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)                      # [H·L·P,2]
+    if box is not None and zoom:
+        win = zoom_window(box, zoom)
+        s = size / (win[2] - win[0])
+        img = img.crop(win).resize((size, size), Image.BILINEAR)
+        pts, box = (pts - win[:2]) * s, (np.asarray(box, dtype=float) - np.tile(win[:2], 2)) * s
+    img = img.convert('RGBA')
     overlay = Image.new('RGBA', img.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     side = min(box[2] - box[0], box[3] - box[1]) if box is not None else min(img.size)
     radius = radius or max(2., side / 12)
-    pts = np.asarray(points, dtype=float).reshape(-1, 2)                      # [H·L·P,2]
     w = np.asarray(weights, dtype=float)
     heads = np.repeat(np.arange(w.shape[0]), w[0].size)                       # [H·L·P]
     rel = w.reshape(-1) / max(w.max(), 1e-12)

@@ -6,7 +6,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/api.html.md"""
 
 # %% ../nbs/08_api.ipynb #c002
 from __future__ import annotations
-import argparse, copy, io, os, tempfile, urllib.request, warnings
+import argparse, copy, io, numbers, os, tempfile, urllib.request, warnings
 from dataclasses import fields
 from pathlib import Path
 import numpy as np
@@ -24,7 +24,8 @@ from .weights import maybe_download_pretrained
 __all__ = ['COCO_CLASSES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium', 'RFDETRLarge',
            'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map', 'load_image', 'to_tensor01',
            'preprocess', 'check_shape', 'Model', 'default_device', 'RFDETR', 'detector_class', 'class_name',
-           'to_detections', 'source_array', 'tiny_detector', 'resolve_dtype', 'infer_variant']
+           'to_detections', 'source_array', 'check_threshold', 'images_to_batch', 'outputs_to_detections',
+           'tiny_detector', 'resolve_dtype', 'infer_variant']
 
 # %% ../nbs/08_api.ipynb #c005
 COCO_CLASSES = dict(enumerate("""person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant
@@ -53,6 +54,9 @@ def load_image(src, timeout:float=10.) -> Image.Image:
             with urllib.request.urlopen(s, timeout=timeout) as r: data = r.read()
         except OSError as e: raise ConnectionError(f"Could not download the image {s}: {e}") from e
         src = io.BytesIO(data)
+    elif Path(s).is_dir():
+        raise IsADirectoryError(f"{s} is a folder, not an image file: predict takes images. For a folder of images use the "
+                                f"command line (rfdetr-nb predict {s}) or the viewer (rfdetr_nb.viz.DetectionViewer(rf, {s!r})).")
     elif not Path(s).is_file(): raise FileNotFoundError(f"Image file {s} does not exist.")
     try: return Image.open(src).convert('RGB')
     except OSError as e: raise ValueError(f"Could not read {s} as an image: {e}") from e
@@ -71,7 +75,10 @@ def to_tensor01(img) -> torch.Tensor:
             raise ValueError(f"Expected a 3×H×W RGB tensor, got shape {tuple(img.shape)}.")
         t = img.float()
     else: raise TypeError(f"Unsupported image type {type(img).__name__}: use a path, URL, PIL image, array or tensor.")
-    if t.numel() and (t.min() < 0 or t.max() > 1):
+    if not t.numel(): raise ValueError(f"The image is empty ({t.shape[1]}×{t.shape[2]} pixels); give an image with pixels.")
+    if not torch.isfinite(t).all():
+        raise ValueError("The image has NaN or inf values; replace them (e.g. with np.nan_to_num) before predicting.")
+    if t.min() < 0 or t.max() > 1:
         raise ValueError(f"Image values must be in [0, 1] (got [{t.min():.3g}, {t.max():.3g}]); "
                          "divide uint8-range floats by 255.")
     return t
@@ -173,23 +180,40 @@ def source_array(t:torch.Tensor) -> np.ndarray:
     "An image tensor `[3,H,W]` in [0,1] as an HWC uint8 array."
     return (t * 255).round().byte().permute(1, 2, 0).numpy()
 
+def check_threshold(threshold) -> float:
+    "A score threshold checked to be a number in [0, 1]."
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a number in [0, 1] (a minimum score), got {threshold!r}.")
+    return float(threshold)
+
+def images_to_batch(images, shape:tuple[int, int], device='cpu') -> tuple[list[torch.Tensor], torch.Tensor, bool]:
+    "One image or a list → their tensors `[3,H,W]` in [0,1], the normalised batch `[B,3,h,w]`, and whether one was given."
+    single = not isinstance(images, (list, tuple))
+    items = [images] if single else list(images)
+    if not items: raise ValueError("No images given: pass an image or a non-empty list of images.")
+    tensors = [to_tensor01(im) for im in items]
+    return tensors, preprocess([t.to(device) for t in tensors], shape), single
+
+def outputs_to_detections(outputs:dict, tensors:list[torch.Tensor], postprocess:PostProcess, names:dict, threshold:float,
+                          include_source_image:bool=True) -> list[sv.Detections]:
+    "Network outputs (`pred_logits`, `pred_boxes`) for the images `tensors` → one `sv.Detections` per image."
+    sizes = torch.tensor([t.shape[-2:] for t in tensors], device=outputs['pred_boxes'].device)   # [B,2] (h, w)
+    return [to_detections(r, names, threshold, source_array(t) if include_source_image else None)
+            for r, t in zip(postprocess(outputs, sizes), tensors)]
+
 @torch.inference_mode()
 def _predict(self:RFDETR, images, threshold:float=0.5, shape=None, patch_size=None, include_source_image=True, **kwargs):
     "Detect objects in one image or a list of images (paths, URLs, PIL, arrays, tensors)."
     if kwargs: raise TypeError(f"predict() got unexpected arguments {sorted(kwargs)}.")
+    check_threshold(threshold)
     m = self.model
     cfg = m.model.cfg
     if patch_size is not None and patch_size != cfg.patch_size:
         raise ValueError(f"patch_size={patch_size!r} does not match the model's patch size {cfg.patch_size}.")
-    single = not isinstance(images, (list, tuple))
-    tensors = [to_tensor01(im) for im in ([images] if single else images)]
     shape = check_shape(shape, cfg.block_size) if shape is not None else (m.resolution, m.resolution)
-    batch = preprocess([t.to(m.device) for t in tensors], shape)
+    tensors, batch, single = images_to_batch(images, shape, m.device)
     outputs = self._run_optimized(batch) if m.inference_model is not None else m.model(batch)
-    results = m.postprocess(outputs, torch.tensor([t.shape[-2:] for t in tensors], device=m.device))
-    names = self.class_id_names
-    dets = [to_detections(r, names, threshold, source_array(t) if include_source_image else None)
-            for r, t in zip(results, tensors)]
+    dets = outputs_to_detections(outputs, tensors, m.postprocess, self.class_id_names, threshold, include_source_image)
     return dets[0] if single else dets
 
 RFDETR.predict = _predict

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, asdict, replace, fields
 __all__ = ['ENCODERS', 'PROJECTOR_SCALES', 'RFDETRNanoConfig', 'RFDETRSmallConfig', 'RFDETRMediumConfig', 'RFDETRLargeConfig',
            'RFDETRBaseConfig', 'RFDETRLargeDeprecatedConfig', 'VARIANT_CONFIGS', 'check_positive_int',
            'nearest_valid_sizes', 'check_image_size', 'EncoderConfig', 'ModelConfig', 'config_with', 'variant_config',
-           'tiny_config', 'TrainConfig']
+           'tiny_config', 'demo_config', 'TrainConfig']
 
 # %% ../nbs/00_config.ipynb #c006
 def check_positive_int(name:str, v):
@@ -173,6 +173,14 @@ def tiny_config(**overrides) -> ModelConfig:
     kw = dict(encoder=EncoderConfig(hidden_size=32, num_heads=2, num_layers=4), hidden_dim=32, patch_size=8,
               num_windows=2, dec_layers=2, sa_nheads=2, ca_nheads=4, num_queries=10, num_select=10, group_detr=3,
               out_feature_indexes=(1, 2, 3, 4), resolution=64, num_classes=5, dim_feedforward=64)
+    return ModelConfig(**{**kw, **overrides})
+
+# %% ../nbs/00_config.ipynb #c029
+def demo_config(num_classes:int, **overrides) -> ModelConfig:
+    "The ~1.6M-parameter model the demo trains from scratch on a CPU (128-wide 4-block encoder, 96-wide decoder, 256 px)."
+    kw = dict(encoder=EncoderConfig(hidden_size=128, num_heads=4, num_layers=4), hidden_dim=96, patch_size=16,
+              num_windows=2, dec_layers=2, num_queries=50, num_select=50, group_detr=4, out_feature_indexes=(1, 2, 3, 4),
+              resolution=256, dim_feedforward=384, num_classes=num_classes)
     return ModelConfig(**{**kw, **overrides})
 
 # %% ../nbs/00_config.ipynb #c026

@@ -76,6 +76,7 @@ def test_loss_matches_reference(case):
 
 def _distributed_worker(rank, world, init, out_dir):
     "One of `world` processes: the loss of its share of the batch, the normaliser all-reduced over processes."
+    torch.set_num_threads(1)   # as forked DataLoader workers do: never reuse the parent's OpenMP pool
     dist.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
     try:
         cfg = tiny_config(group_detr=GROUPS)
@@ -91,7 +92,9 @@ def _distributed_worker(rank, world, init, out_dir):
 
 def test_distributed_normaliser(tmp_path):
     "Two processes with two images each: their mean loss and averaged gradients are those of one process with all four."
-    mp.spawn(_distributed_worker, args=(2, f'file://{tmp_path}/rendezvous', str(tmp_path)), nprocs=2)
+    # forked workers start at once with everything imported (spawned ones would import torch and rfdetr again)
+    mp.start_processes(_distributed_worker, args=(2, f'file://{tmp_path}/rendezvous', str(tmp_path)), nprocs=2,
+                       start_method='fork')
     cfg = tiny_config(group_detr=GROUPS)
     out = random_outputs(cfg, 4, cfg.num_queries * GROUPS)
     whole = {'pred_logits': out['pred_logits'], 'pred_boxes': out['pred_boxes']}

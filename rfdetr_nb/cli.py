@@ -1,4 +1,4 @@
-"""`rfdetr-nb predict`: detect objects in image files and folders, save annotated copies and a JSON of the detections.
+"""`rfdetr-nb predict`: detect objects in image files and folders, save annotated copies and a JSON of the detections; `rfdetr-nb export`: write a model as ONNX (or TFLite).
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/cli.html.md"""
 
@@ -11,12 +11,13 @@ from pathlib import Path
 import supervision as sv
 from tqdm.auto import tqdm
 from .api import RFDETR, VARIANTS, detector_class, load_image
+from .export import EXPORT_FORMATS, QUANTIZATIONS, OnnxPredictor, check_export_args
 from .tiling import predict_tiled
 from .viz import annotate, folder_images, IMAGE_EXTENSIONS
 
 # %% auto #0
 __all__ = ['image_files', 'output_names', 'detections_to_json', 'predict_files', 'load_detector', 'build_parser',
-           'predict_command', 'main']
+           'predict_command', 'export_command', 'main']
 
 # %% ../nbs/16_cli.ipynb #c005
 def image_files(inputs) -> list[Path]:
@@ -100,23 +101,66 @@ def _add_predict(sub):
     p.add_argument('--out', default='predictions', metavar='DIR', help='output folder (default: %(default)s)')
     p.add_argument('--tile', type=_positive_int, metavar='N', help='predict in N×N tiles (default: the whole image)')
     p.add_argument('--device', help='cpu, cuda, cuda:1, … (default: cuda if available)')
+    p.add_argument('--onnx', metavar='FILE', help='predict with this exported ONNX file on ONNX Runtime instead of --model/--weights')
     p.set_defaults(run=lambda args: predict_command(args, p))
+
+def _add_export(sub):
+    "The `export` subcommand's parser."
+    p = sub.add_parser('export', help='export a model to ONNX or TFLite',
+                       description='Export a detector to ONNX (or TFLite) as <out>/<size>.onnx; int8 files go beside it.')
+    p.add_argument('--model', default='small', choices=list(VARIANTS), metavar='NAME',
+                   help=f"variant: {', '.join(VARIANTS)} (default: %(default)s)")
+    p.add_argument('--weights', metavar='PATH', help="checkpoint file (default: the variant's official weights)")
+    p.add_argument('--format', default='onnx', choices=EXPORT_FORMATS, help='file format (default: %(default)s)')
+    p.add_argument('--shape', nargs=2, type=_positive_int, metavar=('H', 'W'), help="input height and width (default: the model's resolution)")
+    p.add_argument('--batch-size', type=_positive_int, default=1, metavar='N', help='fixed batch size (default: %(default)s)')
+    p.add_argument('--dynamic-batch', action='store_true', help='let the batch size vary (ONNX only)')
+    quants = list(dict.fromkeys(q for qs in QUANTIZATIONS.values() for q in qs if q))
+    p.add_argument('--quantization', choices=quants, help=f"{', '.join(quants)} (default: none, float32)")
+    p.add_argument('--calibration', metavar='DIR_OR_NPY',
+                   help='int8 calibration images: a folder, or a .npy of N×H×W×3 floats in [0, 1] (default: random, with a warning)')
+    p.add_argument('--backbone-only', action='store_true', help='export only the backbone and projector (output: features)')
+    p.add_argument('--opset', type=int, default=17, metavar='N', help='ONNX opset (default: %(default)s)')
+    p.add_argument('--out', default='output', metavar='DIR', help='output folder (default: %(default)s)')
+    p.set_defaults(run=lambda args: export_command(args, p))
 
 def build_parser() -> argparse.ArgumentParser:
     "The `rfdetr-nb` argument parser."
     parser = argparse.ArgumentParser(prog='rfdetr-nb', description='RF-DETR object detection (rfdetr_nb).')
-    _add_predict(parser.add_subparsers(title='commands', metavar='COMMAND', required=True))
+    sub = parser.add_subparsers(title='commands', metavar='COMMAND', required=True)
+    _add_predict(sub); _add_export(sub)
     return parser
 
 def predict_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
     "Run `rfdetr-nb predict`: usage errors exit with 2, failures to load or predict with 1."
     try: paths = image_files(args.inputs)
     except (OSError, ValueError) as e: parser.error(str(e))
+    if args.onnx:
+        clash = [f"--{k}" for k in ('weights', 'device') if getattr(args, k)]
+        if clash: parser.error(f"--onnx runs the file on ONNX Runtime's CPU with the weights inside it: drop {' and '.join(clash)}.")
+        if not Path(args.onnx).is_file(): parser.error(f"ONNX file {args.onnx} does not exist.")
     try:
-        rf = load_detector(args.model, args.weights, args.device)
+        rf = OnnxPredictor(args.onnx) if args.onnx else load_detector(args.model, args.weights, args.device)
         json_path = predict_files(rf, paths, args.out, args.threshold, args.tile)
     except (OSError, ValueError, RuntimeError) as e: parser.exit(1, f"{parser.prog}: error: {e}\n")
     print(f"Annotated {len(paths)} image(s) into {Path(args.out).resolve()}; detections in {json_path.resolve()}")
+
+def export_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
+    "Run `rfdetr-nb export`: usage errors exit with 2, failures to load or export with 1."
+    if args.quantization not in QUANTIZATIONS[args.format]:
+        parser.error(f"--quantization {args.quantization} does not apply to --format {args.format}; "
+                     f"use one of {', '.join(q for q in QUANTIZATIONS[args.format] if q)}.")
+    if args.calibration and args.quantization != 'int8': parser.error("--calibration is only used with --quantization int8.")
+    if args.calibration and not Path(args.calibration).exists(): parser.error(f"Calibration data {args.calibration} does not exist.")
+    kwargs = dict(shape=args.shape, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, format=args.format,
+                  quantization=args.quantization, opset_version=args.opset)
+    try:
+        rf = load_detector(args.model, args.weights, 'cpu')
+        try: check_export_args(rf, **kwargs)
+        except ValueError as e: parser.error(str(e))
+        path = rf.export(args.out, backbone_only=args.backbone_only, calibration_data=args.calibration, verbose=False, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e: parser.exit(1, f"{parser.prog}: error: {e}\n")
+    print(f"Exported {path.resolve()}")
 
 def main(argv:list[str]|None=None):
     "The `rfdetr-nb` command (`argv` defaults to the command line)."

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 import supervision as sv
-from .config import (ModelConfig, TrainConfig, config_with, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
+from .config import (ModelConfig, EncoderConfig, TrainConfig, config_with, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
                               RFDETRBaseConfig, RFDETRLargeDeprecatedConfig, check_image_size, check_positive_int, tiny_config)
 from .model import LWDETR, PostProcess
 from .checkpoint import load_weights, read_checkpoint, checkpoint_args, checkpoint_state_dict
@@ -25,7 +25,7 @@ __all__ = ['COCO_CLASSES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'RFDETRNano', 'RFDET
            'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map', 'load_image', 'to_tensor01',
            'preprocess', 'check_shape', 'Model', 'default_device', 'RFDETR', 'detector_class', 'class_name',
            'to_detections', 'source_array', 'check_threshold', 'images_to_batch', 'outputs_to_detections',
-           'tiny_detector', 'resolve_dtype', 'infer_variant']
+           'tiny_detector', 'resolve_dtype', 'infer_variant', 'config_kwargs']
 
 # %% ../nbs/08_api.ipynb #c005
 COCO_CLASSES = dict(enumerate("""person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant
@@ -287,11 +287,20 @@ def infer_variant(ckpt:dict, args:dict, path) -> type:
     raise ValueError(f"Could not tell which RF-DETR variant {path} holds (no 'model_name', no known 'pretrain_weights', "
                      f"no variant in the file name): call e.g. RFDETRSmall.from_checkpoint({str(path)!r}) on the right class.")
 
+def config_kwargs(model_config:dict) -> dict:
+    "The `ModelConfig` fields of a checkpoint's `model_config` dict (an encoder dict rebuilt), without weights and device."
+    kw = {f.name: model_config[f.name] for f in fields(ModelConfig) if f.name in model_config and f.name not in ('pretrain_weights', 'device')}
+    if isinstance(kw.get('encoder'), dict): kw['encoder'] = EncoderConfig(**kw['encoder'])
+    return kw
+
 def _from_checkpoint(cls, path, **kwargs) -> RFDETR:
     "A detector built from checkpoint `path` (class, classes and resolution read from the file unless given)."
     ckpt = read_checkpoint(path)
     args, sd = checkpoint_args(ckpt), checkpoint_state_dict(ckpt)
-    target = cls if cls.size else infer_variant(ckpt, args, path)
+    custom = not cls.size and ckpt.get('model_name') not in {c.__name__ for c in VARIANTS.values()} \
+             and isinstance(ckpt.get('model_config'), dict)
+    if custom: kwargs = {**config_kwargs(ckpt['model_config']), **kwargs}
+    target = cls if cls.size or custom else infer_variant(ckpt, args, path)
     if 'class_embed.bias' in sd: kwargs.setdefault('num_classes', sd['class_embed.bias'].shape[0] - 1)
     if args.get('resolution'): kwargs.setdefault('resolution', args['resolution'])
     return target(pretrain_weights=str(path), **kwargs)
@@ -300,10 +309,10 @@ RFDETR.from_checkpoint = classmethod(_from_checkpoint)
 
 # %% ../nbs/08_api.ipynb #c036
 def _checkpoint_payload(self:RFDETR) -> dict:
-    "The model's weights with everything needed to rebuild it (class names included)."
+    "The model's weights with everything needed to rebuild it (class names and architecture included)."
     cfg = self.model.model.cfg
     args = {**cfg.to_dict(), 'class_names': self.class_names}
-    return {'model': self.model.model.state_dict(), 'args': args, 'model_name': type(self).__name__}
+    return {'model': self.model.model.state_dict(), 'args': args, 'model_name': type(self).__name__, 'model_config': cfg.to_dict()}
 
 def _export_for_roboflow(self:RFDETR, output_dir) -> Path:
     "Write `weights.pt` and `class_names.txt` to `output_dir`; returns the folder."

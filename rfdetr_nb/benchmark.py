@@ -1,4 +1,4 @@
-"""Eval-forward and `predict` latency, and forward memory, of rfdetr_nb against the reference `rfdetr` on the same weights.
+"""Eval-forward and `predict` latency, forward memory, and ONNX Runtime latency (float32 and int8) of rfdetr_nb against the reference `rfdetr` on the same weights.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/benchmark.html.md"""
 
@@ -6,18 +6,21 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/benchmark.html.md"""
 
 # %% ../nbs/17_benchmark.ipynb #c002
 from __future__ import annotations
-import argparse, json, os, resource, statistics, subprocess, sys, tempfile, time, warnings
+import argparse, collections, json, logging, os, resource, statistics, subprocess, sys, tempfile, time, warnings
 from pathlib import Path
 import numpy as np
+import onnxruntime
 import torch
 from fastcore.script import call_parse
 from .config import VARIANT_CONFIGS, variant_config
 from .model import LWDETR
 from .api import detector_class
+from .export import calibration_inputs, onnx_session, quantize_onnx
 
 # %% auto #0
 __all__ = ['OPTIMIZED', 'median_times', 'random_checkpoint', 'build_detector', 'reference_available', 'rss_mb', 'peak_growth_mb',
-           'forward_peak_mb', 'forward_peak_mb_subprocess', 'time_detectors', 'report', 'main']
+           'forward_peak_mb', 'forward_peak_mb_subprocess', 'time_detectors', 'onnx_files', 'time_onnx', 'onnx_profile',
+           'report', 'main']
 
 # %% ../nbs/17_benchmark.ipynb #c005
 def median_times(fns:dict, warmup:int=3, runs:int=10) -> dict:
@@ -109,6 +112,54 @@ def time_detectors(dets:dict, warmup:int, runs:int, predict:bool, optimized:bool
     for d in dets.values(): d.remove_optimized_model()
     return out
 
+# %% ../nbs/17_benchmark.ipynb #c020
+def onnx_files(size:str, weights, folder, reference:bool=True) -> dict[str, Path]:
+    "Our float32 and int8 ONNX files (and the reference's own ONNX file) of variant `size` with `weights`, in `folder`."
+    folder = Path(folder)
+    fp32 = build_detector('ours', size, weights).export(folder / 'ours', verbose=False)
+    shape = tuple(onnx_session(fp32).get_inputs()[0].shape[2:])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')                  # random calibration images: fine for timing
+        files = {'ort_fp32': fp32, 'ort_int8': quantize_onnx(fp32, calibration_inputs(None, shape, 8))}
+        if reference:
+            logging.disable(logging.WARNING)             # the reference logs each export step
+            try: files['reference_ort_fp32'] = Path(build_detector('reference', size, weights).export(output_dir=str(folder / 'reference'), verbose=False))
+            finally: logging.disable(logging.NOTSET)
+    return files
+
+def time_onnx(size:str, weights, folder, warmup:int, runs:int, threads:int=2, reference:bool=True) -> dict:
+    "Median ms of a batch-1 forward: ONNX Runtime on each of `onnx_files` and the reference's eager PyTorch, in turns."
+    files = onnx_files(size, weights, folder, reference)
+    R = variant_config(size).resolution
+    x = torch.randn(1, 3, R, R, generator=torch.Generator().manual_seed(0))
+    fns = {k: (lambda s=onnx_session(p, threads): s.run(None, {'input': x.numpy()})) for k, p in files.items()}
+    if reference:
+        net = build_detector('reference', size, weights).model.model.eval()
+        fns['reference_forward'] = lambda: net(x)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode(): t = median_times(fns, warmup, runs)
+    finally: torch.set_num_threads(prev)
+    return {k: v * 1e3 for k, v in t.items()}
+
+# %% ../nbs/17_benchmark.ipynb #c022
+def onnx_profile(path, runs:int=3, threads:int=2) -> dict[str, float]:
+    "ONNX Runtime's profile of `runs` batch-1 calls of the file `path`: ms per call in each operator type, largest first."
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.enable_profiling = threads, 1, True
+    with tempfile.TemporaryDirectory() as d:
+        opts.profile_file_prefix = str(Path(d) / 'ort')
+        sess = onnxruntime.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
+        inp = sess.get_inputs()[0]
+        x = np.random.default_rng(0).standard_normal([1, *inp.shape[1:]]).astype(np.float32)
+        for _ in range(runs): sess.run(None, {inp.name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    ms = collections.Counter()
+    for e in events:
+        if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time'): ms[e['args']['op_name']] += e['dur'] / 1e3 / runs
+    return dict(ms.most_common())
+
 # %% ../nbs/17_benchmark.ipynb #c015
 def report(name:str, ours:float, ref:float|None, unit:str) -> str:
     "One result line, with the ratio to the reference when there is one."
@@ -123,6 +174,7 @@ def main(model:str='small',       # variant: nano, small, medium, large, base or
          predict:bool=True,       # time `predict()` end to end on a 640×480 image (`--no-predict`: skip it)
          optimized:bool=False,    # also time `predict()` after `inference()`: float32 traced, and bfloat16 traced
          memory:bool=False,       # also measure forward peak memory (fresh processes)
+         onnx:bool=False,         # also time ONNX Runtime (2 threads): our float32 and int8 files, the reference's ONNX file
          reference:bool=True,     # compare with the reference rfdetr when installed (`--no-reference`: ours only)
          json_out:str=None):      # write the results as JSON to this file
     "Time rfdetr_nb (and the reference rfdetr) on the same random weights."
@@ -138,7 +190,13 @@ def main(model:str='small',       # variant: nano, small, medium, large, base or
                              warmup, runs, predict, optimized)
         if memory:
             for impl in res: res[impl]['forward_peak_mb'] = forward_peak_mb_subprocess(impl, size, w)
+        if onnx: ort = time_onnx(size, w, d, warmup, runs, threads=2, reference=use_ref)
     for key in res['ours']:
         print(report(key, res['ours'][key], res.get('reference', {}).get(key), 'MiB' if key.endswith('_mb') else 'ms'))
+    if onnx:
+        print("ONNX Runtime, 2 threads, in turns with the reference's eager forward (2 threads):")
+        print(report('ort_fp32 / ref ORT', ort['ort_fp32'], ort.get('reference_ort_fp32'), 'ms'))
+        print(report('ort_int8 / ref eager', ort['ort_int8'], ort.get('reference_forward'), 'ms'))
+        res['onnx'] = ort
     if json_out: Path(json_out).write_text(json.dumps({'model': size, 'threads': torch.get_num_threads(), **res}, indent=2))
     return res

@@ -6,7 +6,8 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/export.html.md"""
 
 # %% ../nbs/15_export.ipynb #c002
 from __future__ import annotations
-import copy, json, tempfile, warnings
+import copy, json, logging, tempfile, warnings
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ from .viz import folder_images, IMAGE_EXTENSIONS
 # %% auto #0
 __all__ = ['EXPORT_FORMATS', 'QUANTIZATIONS', 'OPSETS', 'QUANTIZED_OPS', 'BackboneFeatures', 'export_network',
            'check_export_args', 'export_metadata', 'decode_metadata', 'read_metadata', 'output_names', 'write_onnx',
-           'calibration_inputs', 'int8_path', 'quantize_onnx', 'sample_input', 'export_path', 'onnx_session',
-           'max_abs_errors', 'OnnxPredictor']
+           'calibration_inputs', 'weight_nodes', 'quiet_logging', 'int8_path', 'quantize_onnx', 'sample_input',
+           'export_path', 'onnx_session', 'max_abs_errors', 'OnnxPredictor']
 
 # %% ../nbs/15_export.ipynb #c005
 class BackboneFeatures(nn.Module):
@@ -147,7 +148,20 @@ def calibration_inputs(data, shape:tuple[int, int], max_images:int=100, seed:int
     return images_to_batch(_calibration_images(data, max_images), shape)[1].numpy()
 
 # %% ../nbs/15_export.ipynb #c019
-QUANTIZED_OPS = ['MatMul', 'Gemm', 'Conv']
+QUANTIZED_OPS = ('MatMul', 'Gemm', 'Conv')
+
+def weight_nodes(model:onnx.ModelProto) -> list[str]:
+    "The names of the MatMul/Gemm/Conv nodes with a weight (an initializer input): what int8 quantises."
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and any(i in weights for i in n.input)]
+
+@contextmanager
+def quiet_logging(level=logging.ERROR):
+    "Raise the root logger's level inside the block (ONNX Runtime's quantiser logs advice through it)."
+    root = logging.getLogger(); prev = root.level
+    root.setLevel(level)
+    try: yield
+    finally: root.setLevel(prev)
 
 class _Batches(CalibrationDataReader):
     "Feeds calibration inputs to ONNX Runtime's calibrator one image at a time."
@@ -164,13 +178,14 @@ def int8_path(path, dynamic:bool=False) -> Path:
 def quantize_onnx(path, calibration:np.ndarray|None=None, dynamic:bool=False) -> Path:
     "Quantise the ONNX file `path` to int8 (static on `calibration` inputs `[N,3,H,W]`, or `dynamic`); returns the new file."
     out = int8_path(path, dynamic)
-    if dynamic:
-        quantize_dynamic(str(path), str(out), op_types_to_quantize=QUANTIZED_OPS, per_channel=True, weight_type=QuantType.QInt8)
-    else:
-        quantize_static(str(path), str(out), _Batches(calibration), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    src = onnx.load(str(path), load_external_data=False)
+    nodes = weight_nodes(src)
+    with quiet_logging():
+        if dynamic: quantize_dynamic(str(path), str(out), nodes_to_quantize=nodes, per_channel=True, weight_type=QuantType.QInt8)
+        else: quantize_static(str(path), str(out), _Batches(calibration), quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
+                              per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     model = onnx.load(str(out))                      # keep the metadata, saying how the file was made
-    src = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    src = {p.key: p.value for p in src.metadata_props}
     onnx.helper.set_model_props(model, {**src, 'quantization': json.dumps('int8-dynamic' if dynamic else 'int8')})
     onnx.save(model, str(out))
     return out

@@ -6,13 +6,13 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/deform_attn.html.md"""
 
 # %% ../nbs/03_deform_attn.ipynb #c002
 from __future__ import annotations
-import math
+import itertools, math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['ms_deform_attn_core', 'MSDeformAttn']
+__all__ = ['ms_deform_attn_core', 'ms_deform_attn_gather', 'MSDeformAttn']
 
 # %% ../nbs/03_deform_attn.ipynb #c005
 def ms_deform_attn_core(value:torch.Tensor, shapes:list[tuple[int, int]], loc:torch.Tensor, attn:torch.Tensor) -> torch.Tensor:
@@ -29,6 +29,32 @@ def ms_deform_attn_core(value:torch.Tensor, shapes:list[tuple[int, int]], loc:to
     a = attn.permute(0, 2, 1, 3, 4).reshape(B * H, 1, Q, L * P)
     return (s * a).sum(-1).view(B, H * d, Q).transpose(1, 2)               # [B,Q,H·d]
 
+# %% ../nbs/03_deform_attn.ipynb #c012
+def ms_deform_attn_gather(value:torch.Tensor, shapes:list[tuple[int, int]], loc:torch.Tensor, attn:torch.Tensor) -> torch.Tensor:
+    "`ms_deform_attn_core` by one gather: `value` `[B,S,H,d]`, `loc` `[B,Q,M,2]`, `attn` `[B,Q,M]` with M = H·L·P points in (head, level, point) order → `[B,Q,H·d]`."
+    B, S, H, d = value.shape
+    Q, M = loc.shape[1], loc.shape[2]
+    P, starts = M // (H * len(shapes)), [0, *itertools.accumulate(h * w for h, w in shapes)]
+    def per_point(f):                                         # one int per point, as a single graph constant: [M]
+        return torch.tensor([f(head, l) for head in range(H) for l in range(len(shapes)) for _ in range(P)], device=value.device)
+    h, w = per_point(lambda _, l: shapes[l][0]), per_point(lambda _, l: shapes[l][1])
+    base = per_point(lambda head, l: starts[l] * H + head)   # row of the point's level's first token, for its head
+    x, y = loc[..., 0] * w - 0.5, loc[..., 1] * h - 0.5       # pixel coordinates, cell centres at integers: [B,Q,M]
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    rows, weights = [], []
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            cx, cy = x0 + dx, y0 + dy
+            inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)                      # outside neighbours weigh 0
+            rows.append(base + (cy.clamp(min=0).minimum(h - 1) * w + cx.clamp(min=0).minimum(w - 1)) * H)
+            weights.append(wx * wy * inside.to(wx.dtype))
+    rows = torch.stack(rows, -1) + torch.arange(B, device=value.device)[:, None, None, None] * (S * H)   # [B,Q,M,4]
+    weights = torch.stack(weights, -1) * attn[..., None]                                                 # [B,Q,M,4]
+    v = value.reshape(B * S * H, d)[rows.flatten(1)].view(B * Q * H, -1, d)                              # [B·Q·H,L·P·4,d]
+    return (weights.view(B * Q * H, 1, -1) @ v).view(B, Q, H * d)                                      # weighted sum
+
 # %% ../nbs/03_deform_attn.ipynb #c008
 class MSDeformAttn(nn.Module):
     "Multi-scale deformable attention with box-relative sampling offsets."
@@ -39,6 +65,7 @@ class MSDeformAttn(nn.Module):
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj, self.output_proj = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
+        self.exporting = False                               # set by `LWDETR.export`: sample with `ms_deform_attn_gather`
         self.reset_parameters()
 
     @torch.no_grad()
@@ -62,11 +89,21 @@ class MSDeformAttn(nn.Module):
         ref = reference[:, :, None, :, None]                                            # [B,Q,1,L,1,4]
         return ref[..., :2] + off / P * ref[..., 2:] * 0.5, attn
 
+    def flat_sampling(self, query, reference):
+        "`sampling` with all heads, levels and points on one axis (nothing above rank 4): `[B,Q,H·L·P,2]`, `[B,Q,H·L·P]`."
+        B, Q, _ = query.shape
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        off = self.sampling_offsets(query).view(B, Q, H * L * P, 2)
+        attn = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H * L * P)
+        ref = reference if reference.shape[2] == 1 else reference.repeat_interleave(P, 2).repeat(1, 1, H, 1)  # [B,Q,1|H·L·P,4]
+        return ref[..., :2] + off / P * ref[..., 2:] * 0.5, attn
+
     def forward(self, query, reference, value, shapes, padding_mask=None):
         "`query` `[B,Q,D]`, `reference` boxes `[B,Q,L or 1,4]`, `value` `[B,S,D]`, `shapes` [(h,w)]·L → `[B,Q,D]`."
         v = self.value_proj(value)
         if padding_mask is not None: v = v.masked_fill(padding_mask[..., None], 0.)
         v = v.view(*v.shape[:2], self.n_heads, -1)                                      # [B,S,H,d]
-        loc, attn = self.sampling(query, reference)
+        sample, core = (self.flat_sampling, ms_deform_attn_gather) if self.exporting else (self.sampling, ms_deform_attn_core)
+        loc, attn = sample(query, reference)
         # sampled in float32: PyTorch's bfloat16 grid_sample on the CPU returns NaN for some grids
-        return self.output_proj(ms_deform_attn_core(v.float(), shapes, loc.float(), attn.float()).to(v.dtype))
+        return self.output_proj(core(v.float(), shapes, loc.float(), attn.float()).to(v.dtype))

@@ -82,7 +82,8 @@ class LWDETR(nn.Module):
         "Switch to the export forward for images of `shape` (default: the config's square resolution)."
         h, w = shape or (self.cfg.resolution,) * 2
         freeze_positions(self.backbone[0].encoder.encoder.embeddings, h, w)
-        self.exporting = True
+        for m in self.modules():                       # the model, its transformer and every deformable attention
+            if hasattr(m, 'exporting'): m.exporting = True
         return self.eval()
 
     @torch.no_grad()

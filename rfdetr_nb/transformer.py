@@ -115,7 +115,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg:ModelConfig):
         super().__init__()
         D, C, G = cfg.hidden_dim, cfg.num_classes + 1, cfg.group_detr
-        self.num_queries = cfg.num_queries
+        self.num_queries, self.exporting = cfg.num_queries, False   # `exporting`: set by `LWDETR.export`
         self.decoder = Decoder(cfg)
         self.enc_output = nn.ModuleList(nn.Linear(D, D) for _ in range(G))
         self.enc_output_norm = nn.ModuleList(nn.LayerNorm(D) for _ in range(G))
@@ -135,8 +135,12 @@ class Transformer(nn.Module):
         "Group `g`'s top-K tokens: their class logits `[B,K,C]` and refined boxes `[B,K,4]`."
         m = self.enc_output_norm[g](self.enc_output[g](memory))               # [B,S,D]
         logits = self.enc_out_class_embed[g](m)                               # [B,S,C]
-        idx = logits.max(-1)[0].topk(min(self.num_queries, memory.shape[1]), dim=1)[1]  # [B,K]
-        pick = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+        B, S, _ = m.shape
+        idx = logits.max(-1)[0].topk(min(self.num_queries, S), dim=1)[1]     # [B,K]
+        if self.exporting:                                                    # rows of [B·S,·]: one plain gather
+            rows = idx + torch.arange(B, device=idx.device)[:, None] * S
+            pick = lambda t: t.flatten(0, 1)[rows]
+        else: pick = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
         return pick(logits), apply_box_delta(self.enc_out_bbox_embed[g](pick(m)), props[idx])
 
     def select_groups(self, memory, props, groups):
@@ -163,7 +167,8 @@ class Transformer(nn.Module):
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)   # [B,S,D]
         props, valid = encoder_proposals(shapes, memory.device)
         props = props.to(memory.dtype)
-        scored = memory.masked_fill(~valid[:, None], 0.)                          # invalid proposals score as blanks
+        # invalid proposals score as blanks (export: a product with the constant mask, no `Where`)
+        scored = memory * valid[:, None].to(memory.dtype) if self.exporting else memory.masked_fill(~valid[:, None], 0.)
         enc_logits, enc_boxes = self.select_groups(scored, props, groups) if groups > 1 else self.select(scored, props, 0)
         B, n = memory.shape[0], enc_boxes.shape[1]                              # n = K·G
         r = refpoints[:self.num_queries * groups].expand(B, -1, -1)

@@ -14,6 +14,10 @@ PARAMS = dict(nano=30_467_298, small=32_111_170, medium=33_687_458, large=33_933
 API = dict(nano='RFDETRNano', small='RFDETRSmall', medium='RFDETRMedium', large='RFDETRLarge', base='RFDETRBase',
            large_deprecated='RFDETRLargeDeprecated')
 TOL = 1e-4
+# The export forward samples deformable attention with a gather-based bilinear sampler (converter-friendly, see
+# rfdetr_nb.deform_attn.ms_deform_attn_gather) where the reference calls grid_sample: the same neighbours and
+# weights summed in another order, so it differs by float rounding only, well under this bound.
+EXPORT_TOL = 1e-5
 
 def max_diff(a, b): return (a - b).abs().max().item()
 
@@ -50,7 +54,7 @@ def test_parity(variant, tmp_path):
         ref.eval(); model.eval()
         rb, rl = exported(ref)(x)                                   # export forward: (boxes, logits)
         ob, ol = copy.deepcopy(model).export()(x)
-        assert max_diff(rb, ob) < TOL and max_diff(rl, ol) < TOL
+        assert max_diff(rb, ob) < EXPORT_TOL and max_diff(rl, ol) < EXPORT_TOL
 
 def test_parity_few_tokens(tmp_path):
     "Nano at 224 px: 196 memory tokens < 300 queries (leftover queries use raw learned boxes) in training."

@@ -26,7 +26,7 @@ from fastai.callback.training import GradientClip
 from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.callback.progress import CSVLogger
 from fastai.callback.schedule import ParamScheduler, SchedLin, SchedCos, SchedNo, combine_scheds
-from fastai.torch_core import to_float
+from fastai.torch_core import to_float, rank_distrib
 from fastai.vision.data import get_grid
 from .config import ModelConfig, TrainConfig, check_image_size, check_positive_int
 from .model import LWDETR, PostProcess
@@ -315,7 +315,7 @@ class SaveCheckpoints(Callback):
         self.detector, self.output_dir, self.monitor, self.args, self.notes = detector, Path(output_dir), monitor, args or {}, notes
 
     def before_fit(self):
-        self.run = not hasattr(self.learn, 'lr_finder') and not hasattr(self.learn, 'gather_preds')
+        self.run = not hasattr(self.learn, 'lr_finder') and not hasattr(self.learn, 'gather_preds') and rank_distrib() == 0
         self.best, self.pending, self.config_written = -math.inf, False, False
     def before_train(self):
         if not self.config_written: self.write_training_config()
@@ -385,7 +385,8 @@ class TrainingCSVLogger(CSVLogger):
     "fastai's `CSVLogger`, opened at the first training epoch (fastai's `validate()` also runs `before_fit`)."
     order = 59
     def before_fit(self):
-        self.run, self.file = not hasattr(self.learn, 'lr_finder') and not hasattr(self.learn, 'gather_preds'), None
+        self.run = not hasattr(self.learn, 'lr_finder') and not hasattr(self.learn, 'gather_preds') and rank_distrib() == 0
+        self.file = None
     def before_train(self):
         if self.file is not None: return
         path = self.path/self.fname
@@ -478,8 +479,8 @@ def set_resolution(rf:RFDETR, resolution:int):
         emb = rf.model.model.backbone[0].encoder.encoder.embeddings
         emb.position_embeddings = nn.Parameter(resize_pos_embed(emb.position_embeddings.detach(), pe))
         emb.grid, cfg.positional_encoding_size = (pe, pe), pe
-    cfg.resolution = rf.model.resolution = resolution
-    rf.model_config = cfg
+    cfg.resolution = rf.model.resolution = rf.model.args.resolution = resolution
+    rf.model.args.positional_encoding_size = cfg.positional_encoding_size
 
 # %% ../nbs/14_learner.ipynb #c054
 def _mixed_precision_cb(mode, device) -> Callback|None:
@@ -499,7 +500,8 @@ def rfdetr_learner(dls, model='nano', pretrain_weights=None, output_dir='output'
                    mixed_precision='auto', grad_accum_steps:int=1, early_stopping:int|None=None, tensorboard:bool=False,
                    notes=None, resume=None, cbs=None, **kwargs) -> DetectionLearner:
     "A fastai `Learner` that trains RF-DETR `model` on `dls` (from `rfdetr_dls`) with the reference's recipe."
-    json.dumps(notes)                                      # notes must survive the JSON training config
+    try: json.dumps(notes)
+    except TypeError as e: raise TypeError(f"notes must be JSON-serialisable (text, numbers, lists, dicts): {e}") from e
     device = getattr(dls, 'device', None) or default_device()
     rf = detector_for(model, len(dls.vocab), dls.vocab, pretrain_weights, device)
     if getattr(dls, 'resolution', None) not in (None, rf.model.model.cfg.resolution): set_resolution(rf, dls.resolution)

@@ -258,7 +258,7 @@ class OnnxPredictor:
     @property
     def class_names(self) -> list[str]: return list(self.class_id_names.values())
 
-    def __repr__(self): return f"OnnxPredictor({str(self.path)!r}, shape={self.shape}, batch_size={self.batch_size or 'dynamic'})"
+    def __repr__(self): return f"OnnxPredictor({self.path.name!r}, shape={self.shape}, batch_size={self.batch_size or 'dynamic'})"
 
     def forward(self, batch:torch.Tensor) -> dict:
         "A normalised batch `[B,3,h,w]` → `pred_boxes` `[B,Q,4]`, `pred_logits` `[B,Q,C]` (in chunks of a fixed batch size)."

@@ -74,3 +74,15 @@ def test_predictor_matches_predict(nano, nano_onnx):
         np.testing.assert_array_equal(g.class_id, w.class_id)
         np.testing.assert_array_equal(g.data['class_name'], w.data['class_name'])
     assert str(got[0].data['class_name'][0]).startswith('thing ')
+
+def test_infer_dir_images_trace_a_batch(tmp_path):
+    "Sample images from `infer_dir` (fewer than the batch: repeated) trace a static batch-3 file that matches PyTorch."
+    from PIL import Image
+    from rfdetr_nb.api import tiny_detector
+    for i in range(2): Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)).save(tmp_path / f'{i}.png')
+    rf = tiny_detector()
+    path = rf.export(tmp_path / 'out', infer_dir=tmp_path, batch_size=3, verbose=False)
+    assert io_of(path)[0] == ('input', [3, 3, 64, 64])
+    assert max(max_abs_errors(path, export_network(rf, (64, 64)), torch.randn(3, 3, 64, 64)).values()) <= 1e-4
+    got = OnnxPredictor(path).predict([np.zeros((30, 40, 3), np.uint8)] * 4, threshold=0.0)   # 4 images: chunks of 3, padded
+    assert [len(d) for d in got] == [10] * 4

@@ -419,6 +419,15 @@ class DetectionLearner(Learner):
         super().__init__(*args, **kwargs)
         self.recorder.loss = ImageAvgLoss()
 
+    def predict(self, images, threshold:float=0.5, **kwargs):
+        "Detections in one image or a list of images: `RFDETR.predict` with the weights being trained."
+        self.model.eval()
+        return self.detector.predict(images, threshold=threshold, **kwargs)
+
+    def get_preds(self, *args, **kwargs):
+        raise NotImplementedError("get_preds cannot stack detection targets: use learn.predict(images) for detections, or "
+                                  "rfdetr_nb.metrics.evaluate(learn.predict, dls.gt_datasets['valid']) for scores.")
+
     def freeze(self):
         "Freeze the backbone encoder; projector, decoder and heads keep training."
         if self.opt is None: self.create_opt()

@@ -12,3 +12,6 @@ __all__ = []
 from .api import (RFDETR, RFDETRNano, RFDETRSmall, RFDETRMedium, RFDETRLarge, RFDETRBase,
                            RFDETRLargeDeprecated)
 from .tiling import predict_tiled
+from .metrics import coco_eval
+from .learner import rfdetr_learner
+from .export import OnnxPredictor

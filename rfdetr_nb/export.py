@@ -6,7 +6,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/export.html.md"""
 
 # %% ../nbs/15_export.ipynb #c002
 from __future__ import annotations
-import copy, json, logging, tempfile, warnings
+import contextlib, copy, json, logging, os, shutil, tempfile, time, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -26,10 +26,11 @@ from .api import (RFDETR, check_shape, check_threshold, class_name_map, images_t
 from .viz import folder_images, IMAGE_EXTENSIONS
 
 # %% auto #0
-__all__ = ['EXPORT_FORMATS', 'QUANTIZATIONS', 'OPSETS', 'QUANTIZED_OPS', 'BackboneFeatures', 'export_network',
+__all__ = ['EXPORT_FORMATS', 'QUANTIZATIONS', 'OPSETS', 'QUANTIZED_OPS', 'TFLITE_OPSET', 'BackboneFeatures', 'export_network',
            'check_export_args', 'export_metadata', 'decode_metadata', 'read_metadata', 'output_names', 'write_onnx',
            'calibration_inputs', 'weight_nodes', 'quiet_logging', 'int8_path', 'quantize_onnx', 'sample_input',
-           'export_path', 'onnx_session', 'max_abs_errors', 'OnnxPredictor']
+           'export_path', 'onnx_session', 'max_abs_errors', 'OnnxPredictor', 'tflite_paths', 'quiet_converter',
+           'tflite_converter', 'run_tflite', 'convert_float', 'quantize_tflite', 'export_tflite']
 
 # %% ../nbs/15_export.ipynb #c005
 class BackboneFeatures(nn.Module):
@@ -65,8 +66,6 @@ def check_export_args(rf:RFDETR, shape=None, patch_size=None, format='onnx', qua
     check_positive_int('batch_size', batch_size); check_positive_int('max_images', max_images)
     if format == 'tflite':
         if dynamic_batch: raise ValueError("TFLite files have a fixed batch size: export with dynamic_batch=False (and batch_size=N).")
-        if 'export_tflite' not in globals():
-            raise RuntimeError("TFLite export is not available yet in this version of rfdetr_nb; export format='onnx'.")
     return check_shape(shape, cfg.block_size) if shape is not None else (cfg.resolution, cfg.resolution)
 
 # %% ../nbs/15_export.ipynb #c012
@@ -213,7 +212,8 @@ def export(self:RFDETR, output_dir="output", infer_dir=None, backbone_only:bool=
         warnings.warn(f"calibration_data is only used with quantization='int8'; ignored for quantization={quantization!r}.")
     net = export_network(self, shape, backbone_only)
     path = write_onnx(net, sample_input(infer_dir, shape, batch_size), export_path(self, output_dir, backbone_only),
-                      export_metadata(self, shape, backbone_only, dynamic_batch, notes), opset_version, dynamic_batch)
+                      export_metadata(self, shape, backbone_only, dynamic_batch, notes),
+                      max(opset_version, TFLITE_OPSET) if format == 'tflite' else opset_version, dynamic_batch)
     if verbose: print(f"Exported {path} ({shape[0]}×{shape[1]}, batch {'dynamic' if dynamic_batch else batch_size})")
     if format == 'tflite':
         return export_tflite(path, quantization=quantization, calibration=calibration, verbose=verbose)
@@ -276,3 +276,103 @@ class OnnxPredictor:
         dets = outputs_to_detections(self.forward(batch), tensors, self.postprocess, self.class_id_names, threshold,
                                      include_source_image)
         return dets[0] if single else dets
+
+# %% ../nbs/15_export.ipynb #c061
+TFLITE_OPSET = 20   # ONNX's `Gelu` (opset 20) becomes TFLite's GELU; below it the exact GELU is an `Erf`, which TFLite lacks
+
+def tflite_paths(path) -> dict[str, Path]:
+    "The TFLite files of the ONNX file `path`, beside it: `<stem>.fp32.tflite`, `<stem>.fp16.tflite`, `<stem>.int8.tflite`."
+    path = Path(path)
+    return {q: path.with_name(f'{path.stem}.{q}.tflite') for q in ('fp32', 'fp16', 'int8')}
+
+def _missing_extra(e:ImportError) -> ImportError:
+    return ImportError(f"TFLite export needs onnx2tf, TensorFlow and LiteRT ({e.name} is missing): pip install 'rfdetr-nb[export]'")
+
+@contextlib.contextmanager
+def quiet_converter(log=os.devnull):
+    "Send TensorFlow's, onnx2tf's and LiteRT's messages — Python's and the native libraries' — to the file `log` inside the block."
+    with open(log, 'a') as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        saved = os.dup(1), os.dup(2)
+        os.dup2(f.fileno(), 1); os.dup2(f.fileno(), 2)
+        try: yield
+        finally:
+            f.flush()
+            os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+            for fd in saved: os.close(fd)
+
+def tflite_converter():
+    "onnx2tf, onnx-simplifier and TensorFlow, imported on first use (heavy, optional), or an `ImportError` saying what to install."
+    try:
+        with quiet_converter():                                    # TensorFlow's start-up messages
+            import onnx2tf, onnxsim, tensorflow as tf
+            import ai_edge_litert.interpreter                       # checked now, not after a slow conversion
+    except ImportError as e: raise _missing_extra(e) from e
+    return onnx2tf, onnxsim, tf
+
+def run_tflite(path, x:np.ndarray, threads:int|None=None) -> dict[str, np.ndarray]:
+    "Outputs by name of the TFLite file `path` in the LiteRT interpreter on a normalised batch `x` `[B,3,H,W]`."
+    try: from ai_edge_litert.interpreter import Interpreter
+    except ImportError as e: raise _missing_extra(e) from e
+    with quiet_converter():                                         # LiteRT's note about its CPU delegate
+        run = Interpreter(model_path=str(path), num_threads=threads).get_signature_runner()
+        return run(input=np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32))  # the file takes NHWC
+
+# %% ../nbs/15_export.ipynb #c062
+def convert_float(model:onnx.ModelProto, folder) -> Path:
+    "Convert the ONNX `model` with onnx2tf: a TensorFlow SavedModel and `model_float32`/`model_float16.tflite` in `folder/tf`."
+    onnx2tf, onnxsim, _ = tflite_converter()
+    src, out, log = Path(folder) / 'model.onnx', Path(folder) / 'tf', Path(folder) / 'onnx2tf.log'
+    onnx.save(onnxsim.simplify(model)[0], str(src))                  # fold the static graph's shape arithmetic
+    try:
+        with quiet_converter(log):
+            onnx2tf.convert(input_onnx_file_path=str(src), output_folder_path=str(out), tflite_backend='tf_converter',
+                            not_use_onnxsim=True, copy_onnx_input_output_names_to_tflite=True, output_signaturedefs=True,
+                            non_verbose=True)
+    except (Exception, SystemExit) as e:                             # onnx2tf exits the process on some errors
+        raise RuntimeError(f"onnx2tf could not convert the model: {e!r}\n{log.read_text()[-3000:]}") from e
+    return out
+
+def quantize_tflite(saved_model, calibration:np.ndarray, out, output_names:list[str]) -> Path:
+    "An int8 TFLite file `out` from onnx2tf's SavedModel, activation ranges calibrated on the inputs `calibration` `[N,3,H,W]`."
+    _, _, tf = tflite_converter()
+    model = tf.saved_model.load(str(saved_model))
+    sig = model.signatures['serving_default']
+    spec = sig.structured_input_signature[1]['input']
+    @tf.function(input_signature=[tf.TensorSpec(spec.shape, tf.float32, name='input')])
+    def named(input):                                                # onnx2tf's signature says output_0, …: the ONNX names
+        out = sig(input=input)
+        return {n: out[f'output_{i}'] for i, n in enumerate(output_names)}
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([named.get_concrete_function()], model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]  # float where no int8 kernel
+    x, b = np.ascontiguousarray(calibration.transpose(0, 2, 3, 1), dtype=np.float32), spec.shape[0]         # NHWC batches of b
+    conv.representative_dataset = lambda: ([x.take(range(i, i + b), axis=0, mode='wrap')] for i in range(0, len(x), b))
+    with quiet_converter(): Path(out).write_bytes(conv.convert())
+    return Path(out)
+
+# %% ../nbs/15_export.ipynb #c063
+def export_tflite(path, quantization=None, calibration:np.ndarray|None=None, verbose:bool=True) -> Path:
+    "Convert the ONNX file `path` to TFLite files beside it (fp32, fp16, and int8 calibrated on inputs `calibration` `[N,3,H,W]` if `quantization='int8'`); returns the one asked for."
+    if quantization not in QUANTIZATIONS['tflite']:
+        raise ValueError(f"Unknown quantization {quantization!r} for format 'tflite'; use one of {_choices(QUANTIZATIONS['tflite'])}.")
+    path, files = Path(path), tflite_paths(path)
+    model = onnx.load(str(path))
+    opset = next(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))
+    if opset < TFLITE_OPSET:
+        raise ValueError(f"{path} has ONNX opset {opset}; TFLite needs opset {TFLITE_OPSET} or more (for its GELU): "
+                         f"export it with opset_version={TFLITE_OPSET}.")
+    batch, _, h, w = (d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim)
+    if not isinstance(batch, int):
+        raise ValueError(f"{path} has a dynamic batch ({batch!r}); TFLite needs a fixed one: export with dynamic_batch=False.")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = convert_float(model, tmp)
+        for q in ('fp32', 'fp16'): shutil.move(saved / f"model_float{q[2:]}.tflite", files[q])
+        t1 = time.perf_counter()
+        if quantization == 'int8':
+            if calibration is None: calibration = calibration_inputs(None, (h, w))    # warns: random images
+            quantize_tflite(saved, calibration, files['int8'], [o.name for o in model.graph.output])
+    if verbose:
+        print(f"Converted to {files['fp32'].name}, {files['fp16'].name} in {t1 - t0:.0f} s"
+              + (f"; {files['int8'].name} in {time.perf_counter() - t1:.0f} s" if quantization == 'int8' else ''))
+    return files['fp32' if quantization in (None, 'fp32') else quantization]

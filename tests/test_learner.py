@@ -188,3 +188,19 @@ def test_bf16_trains(shapes, tmp_path):
     learn = rfdetr_learner(dls_of(shapes), tiny_config(num_classes=3), output_dir=tmp_path, mixed_precision='bf16')
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     assert math.isfinite(learn.recorder.values[-1][0]) and all(p.dtype == torch.float32 for p in learn.model.parameters())
+
+
+def test_train_fine_tunes_with_reference_recipe(memorize, tmp_path):
+    "`RFDETR.train` on pretrained weights: the reference's lrs (1e-4, encoder 1.5e-4 decayed) and schedule (warm-up, constant)."
+    from rfdetr_nb.api import tiny_detector
+    tiny_detector(num_classes=3).export_for_roboflow(tmp_path / 'pre')
+    rf = rfdetr_nb.RFDETR.from_checkpoint(tmp_path / 'pre' / 'weights.pt', device='cpu')
+    seed_all()
+    learn = rf.train(dataset_dir=str(memorize), epochs=2, warmup_epochs=1, batch_size=4, num_workers=0,
+                     output_dir=str(tmp_path / 'out'), multi_scale='off')
+    lrs = learn.recorder.lrs                                       # base lr (the decoder side's `lr`) at every step
+    assert len(lrs) == 8 and lrs[0] == pytest.approx(0.) and lrs[3] == pytest.approx(0.75e-4) and lrs[4:] == pytest.approx([1e-4] * 4)
+    groups = learn.opt.opt.param_groups
+    enc = [g for g in groups if g['part'] == 'encoder']
+    assert max(g['lr_scale'] for g in enc) == pytest.approx(1.5 * 0.49) and min(g['lr_scale'] for g in enc) == pytest.approx(1.5 * 0.49 * 0.8 ** 6)   # n = 5: embeddings at depth 0
+    assert rf.class_names == ['circle', 'square', 'triangle'] and (tmp_path / 'out' / 'checkpoint_best_total.pth').exists()

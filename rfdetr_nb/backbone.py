@@ -15,8 +15,8 @@ from .config import ModelConfig, EncoderConfig, tiny_config
 
 # %% auto #0
 __all__ = ['interpolate_pos_embed', 'to_windows', 'from_windows', 'PatchEmbeddings', 'Embeddings', 'fast_kernels',
-           'use_fast_kernels', 'linear', 'SelfAttention', 'SelfOutput', 'Attention', 'LayerScale', 'Mlp', 'DropPath',
-           'Block', 'global_blocks', 'Encoder', 'WindowedDinov2', 'freeze_positions']
+           'use_fast_kernels', 'linear', 'cpu_autocast', 'attention', 'SelfAttention', 'SelfOutput', 'Attention',
+           'LayerScale', 'Mlp', 'DropPath', 'Block', 'global_blocks', 'Encoder', 'WindowedDinov2', 'freeze_positions']
 
 # %% ../nbs/01_backbone.ipynb #c006
 def interpolate_pos_embed(pos:torch.Tensor, hp:int, wp:int, grid_hw:tuple|None=None) -> torch.Tensor:
@@ -107,6 +107,17 @@ def linear(x, weight, bias, gelu=False):
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
+# %% ../nbs/01_backbone.ipynb #c032
+def cpu_autocast(x:torch.Tensor) -> bool:
+    "Whether `x` is computed under CPU autocast (mixed-precision training on a CPU)."
+    return x.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+
+def attention(q:torch.Tensor, k:torch.Tensor, v:torch.Tensor) -> torch.Tensor:
+    "`F.scaled_dot_product_attention` of heads `[B,h,T,d]`; in float32 under CPU autocast, where that is the faster kernel."
+    if not cpu_autocast(q): return F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast('cpu', enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+
 # %% ../nbs/01_backbone.ipynb #c019
 class SelfAttention(nn.Module):
     "Multi-head self-attention with separate query/key/value projections (checkpoint layout)."
@@ -120,7 +131,7 @@ class SelfAttention(nn.Module):
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         q, k, v = linear(x, w, b).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3×[B,h,T,d]
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+        return attention(q, k, v).transpose(1, 2).reshape(B, T, C)
 
 class SelfOutput(nn.Module):
     def __init__(self, hidden):

@@ -11,11 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .config import ModelConfig, tiny_config
+from .backbone import attention, cpu_autocast
 from .deform_attn import MSDeformAttn
 
 # %% auto #0
-__all__ = ['apply_box_delta', 'MLP', 'sine_embed', 'split_groups', 'merge_groups', 'DecoderLayer', 'Decoder', 'encoder_proposals',
-           'stack_params', 'group_linear', 'Transformer']
+__all__ = ['apply_box_delta', 'MLP', 'sine_embed', 'split_groups', 'merge_groups', 'self_attention', 'DecoderLayer', 'Decoder',
+           'encoder_proposals', 'stack_params', 'group_linear', 'Transformer']
 
 # %% ../nbs/04_transformer.ipynb #c006
 def apply_box_delta(delta:torch.Tensor, ref:torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,15 @@ def merge_groups(x, groups):
     "Inverse of `split_groups`: `[G·B, Q, D]` → `[B, G·Q, D]`."
     return x if groups == 1 else torch.cat(x.split(x.shape[0] // groups, dim=0), dim=1)
 
+def self_attention(attn:nn.MultiheadAttention, q:torch.Tensor, v:torch.Tensor) -> torch.Tensor:
+    "`attn(q, q, v)` (batch first, no mask) from the module's weights, its attention through `backbone.attention`: `[B,N,D]`."
+    B, N, D = q.shape
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    heads = lambda t: t.view(B, N, -1, D // attn.num_heads).transpose(1, 2)         # [B,h,N,d]
+    qk = F.linear(q, w[:2 * D], b[:2 * D])                                           # queries and keys: one product
+    o = attention(heads(qk[..., :D]), heads(qk[..., D:]), heads(F.linear(v, w[2 * D:], b[2 * D:])))
+    return attn.out_proj(o.transpose(1, 2).reshape(B, N, D))
+
 class DecoderLayer(nn.Module):
     "Self-attention (within groups), deformable cross-attention, feed-forward; each followed by add & LayerNorm."
     def __init__(self, cfg:ModelConfig):
@@ -64,7 +74,8 @@ class DecoderLayer(nn.Module):
     def forward(self, tgt, query_pos, ref, memory, shapes, groups=1, padding_mask=None):
         "Queries `tgt` `[B,N,D]` with positions `[B,N,D]`, reference boxes `[B,N,1 or L,4]` → `[B,N,D]`."
         q, v = split_groups(tgt + query_pos, groups), split_groups(tgt, groups)
-        tgt = self.norm1(tgt + merge_groups(self.self_attn(q, q, v, need_weights=False)[0], groups))
+        sa = self_attention(self.self_attn, q, v) if cpu_autocast(q) else self.self_attn(q, q, v, need_weights=False)[0]
+        tgt = self.norm1(tgt + merge_groups(sa, groups))
         tgt = self.norm2(tgt + self.cross_attn(tgt + query_pos, ref, memory, shapes, padding_mask))
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
 

@@ -38,12 +38,12 @@ from .loss import DetrLoss
 
 # %% auto #0
 __all__ = ['FINE_TUNE', 'FROM_SCRATCH', 'ENCODER', 'DECODER', 'NO_WEIGHT_DECAY', 'PARTS', 'RESUME_ATTRS', 'DEPRECATED_TRAIN_ARGS',
-           'training_recipe', 'encoder_depth', 'param_setting', 'param_groups', 'scaled_param_groups', 'ScaledAdamW',
-           'GlobalStep', 'ema_decay', 'model_tensors', 'ema_update_', 'swap_weights', 'ModelEMA', 'MultiScaleResize',
-           'cpu_has_bf16', 'autocast_dtype', 'DeviceMixedPrecision', 'AccumulateGradients', 'COCOEvaluator',
-           'COCOValue', 'atomic_save', 'rng_state', 'set_rng_state', 'training_state', 'load_training_state',
-           'SaveCheckpoints', 'ResumeTraining', 'TrainingCSVLogger', 'tensorboard_callback', 'ImageAvgLoss',
-           'DetectionLearner', 'detector_for', 'set_resolution', 'rfdetr_learner', 'reference_schedule']
+           'training_recipe', 'encoder_depth', 'param_setting', 'param_groups', 'scaled_param_groups', 'fusable',
+           'ScaledAdamW', 'GlobalStep', 'ema_decay', 'model_tensors', 'ema_update_', 'swap_weights', 'ModelEMA',
+           'MultiScaleResize', 'cpu_has_bf16', 'autocast_dtype', 'DeviceMixedPrecision', 'AccumulateGradients',
+           'COCOEvaluator', 'COCOValue', 'atomic_save', 'rng_state', 'set_rng_state', 'training_state',
+           'load_training_state', 'SaveCheckpoints', 'ResumeTraining', 'TrainingCSVLogger', 'tensorboard_callback',
+           'ImageAvgLoss', 'DetectionLearner', 'detector_for', 'set_resolution', 'rfdetr_learner', 'reference_schedule']
 
 # %% ../nbs/14_learner.ipynb #c007
 FINE_TUNE = {k: getattr(TrainConfig(), k) for k in ('lr', 'lr_encoder', 'lr_vit_layer_decay', 'lr_component_decay')}
@@ -94,10 +94,17 @@ def scaled_param_groups(model:LWDETR, lr:float, weight_decay:float, **recipe) ->
     return [dict(params=g['params'], part=g['part'], lr_scale=g['lr'] / lr, wd_scale=float(g['weight_decay'] > 0))
             for g in param_groups(model, lr, weight_decay=weight_decay, **recipe)]
 
+def fusable(groups:list[dict]) -> bool:
+    "Whether PyTorch's fused AdamW can step every parameter of the parameter `groups` (floating point, on a CPU or CUDA device)."
+    return all(p.is_floating_point() and p.device.type in ('cpu', 'cuda') for g in groups for p in g['params'])
+
 class ScaledAdamW(OptimWrapper):
-    "PyTorch's AdamW for fastai: `lr` and `wd` are base values that each group scales by its `lr_scale`, `wd_scale`."
+    "PyTorch's (fused) AdamW for fastai: `lr` and `wd` are base values that each group scales by its `lr_scale`, `wd_scale`."
     def __init__(self, params, lr:float=1e-3, wd:float=0., mom:float=0.9, sqr_mom:float=0.999, eps:float=1e-8):
-        super().__init__(params, opt=torch.optim.AdamW, lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd)
+        params = list(params)                                       # parameter groups (dicts), as the splitter makes them
+        fused = all(isinstance(g, dict) for g in params) and fusable(params)
+        super().__init__(params, opt=partial(torch.optim.AdamW, fused=fused or None), lr=lr, betas=(mom, sqr_mom),
+                         eps=eps, weight_decay=wd)
         self.set_hypers(lr=lr, wd=wd)
 
     @property

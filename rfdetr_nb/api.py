@@ -244,7 +244,7 @@ def _optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dt
     check_positive_int('batch_size', batch_size)
     self.remove_optimized_model()
     m = self.model
-    net = copy.deepcopy(m.model).export().to(dtype)
+    net = copy.deepcopy(m.model).export(portable=False).to(dtype)   # PyTorch-only: keep the fast grid_sample
     if compile:
         x = torch.randn(batch_size, 3, m.resolution, m.resolution, device=m.device, dtype=dtype)
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():

@@ -78,11 +78,12 @@ class LWDETR(nn.Module):
                 'aux_outputs': [{'pred_logits': l, 'pred_boxes': b} for l, b in zip(logits[:-1], boxes[:-1])],
                 'enc_outputs': {'pred_logits': enc_logits, 'pred_boxes': enc_boxes}}
 
-    def export(self, shape:tuple[int, int]|None=None):
+    def export(self, shape:tuple[int, int]|None=None, portable:bool=True):
         "Switch to the export forward for images of `shape` (default: the config's square resolution)."
         h, w = shape or (self.cfg.resolution,) * 2
         freeze_positions(self.backbone[0].encoder.encoder.embeddings, h, w)
-        for m in self.modules():                       # the model, its transformer and every deformable attention
+        self.exporting = True
+        for m in self.modules() if portable else ():   # converter-friendly ops in the transformer and deformable attention
             if hasattr(m, 'exporting'): m.exporting = True
         return self.eval()
 

@@ -1,4 +1,4 @@
-"""`rfdetr-nb predict`: detect objects in image files and folders, save annotated copies and a JSON of the detections; `rfdetr-nb export`: write a model as ONNX (or TFLite).
+"""`rfdetr-nb predict`: detect objects in image files and folders, save annotated copies and a JSON of the detections; `rfdetr-nb export`: write a model as ONNX (or TFLite); `rfdetr-nb train`: train one on a dataset folder.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/cli.html.md"""
 
@@ -10,14 +10,17 @@ import argparse, json
 from pathlib import Path
 import supervision as sv
 from tqdm.auto import tqdm
+from .config import check_image_size
 from .api import RFDETR, VARIANTS, detector_class, load_image
+from .data import detect_layout
+import rfdetr_nb.learner  # noqa: F401  (adds RFDETR.train)
 from .export import EXPORT_FORMATS, QUANTIZATIONS, OnnxPredictor, check_export_args
 from .tiling import predict_tiled
 from .viz import annotate, folder_images, IMAGE_EXTENSIONS
 
 # %% auto #0
 __all__ = ['image_files', 'output_names', 'detections_to_json', 'predict_files', 'load_detector', 'build_parser',
-           'predict_command', 'export_command', 'main']
+           'predict_command', 'export_command', 'train_command', 'main']
 
 # %% ../nbs/16_cli.ipynb #c005
 def image_files(inputs) -> list[Path]:
@@ -71,9 +74,10 @@ def predict_files(rf:RFDETR, paths, out_dir, threshold:float=0.5, tile:int|None=
     return json_path
 
 # %% ../nbs/16_cli.ipynb #c014
-def load_detector(model:str, weights:str|None=None, device:str|None=None) -> RFDETR:
-    "The `model` variant with `weights` (default: its official weights) on `device` (default: GPU if any)."
+def load_detector(model:str, weights:str|None=None, device:str|None=None, from_scratch:bool=False) -> RFDETR:
+    "The `model` variant with `weights` (default: its official weights; random with `from_scratch`) on `device` (default: GPU if any)."
     kwargs = {k: v for k, v in (('pretrain_weights', weights), ('device', device)) if v}
+    if from_scratch: kwargs['pretrain_weights'] = None
     return detector_class(model)(**kwargs)
 
 # %% ../nbs/16_cli.ipynb #c017
@@ -124,11 +128,40 @@ def _add_export(sub):
     p.add_argument('--out', default='output', metavar='DIR', help='output folder (default: %(default)s)')
     p.set_defaults(run=lambda args: export_command(args, p))
 
+def _positive_float(s:str) -> float:
+    "`s` as a float > 0, for argparse."
+    try: v = float(s)
+    except ValueError: v = 0.
+    if not v > 0: raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+def _add_train(sub):
+    "The `train` subcommand's parser."
+    p = sub.add_parser('train', help='train a detector on a dataset folder',
+                       description='Train a detector on a dataset folder (Roboflow COCO export, YOLO or COCO 2017): '
+                                   'fastai progress bars, COCO metrics after every epoch, rfdetr checkpoints in --out.')
+    p.add_argument('dataset', metavar='DATASET_DIR', help='the dataset folder (with train/ and valid/ splits)')
+    p.add_argument('--model', default='nano', choices=list(VARIANTS), metavar='NAME',
+                   help=f"variant: {', '.join(VARIANTS)} (default: %(default)s)")
+    p.add_argument('--weights', metavar='PATH', help="checkpoint to start from (default: the variant's official weights)")
+    p.add_argument('--from-scratch', action='store_true', help='start from random weights (and the from-scratch learning rates)')
+    p.add_argument('--epochs', type=_positive_int, default=10, metavar='N', help='epochs (default: %(default)s)')
+    p.add_argument('--batch-size', type=_positive_int, default=4, metavar='N', help='images per batch (default: %(default)s)')
+    p.add_argument('--grad-accum-steps', type=_positive_int, default=1, metavar='N',
+                   help='batches per optimiser step (default: %(default)s)')
+    p.add_argument('--lr', type=_positive_float, metavar='LR',
+                   help='base learning rate (default: 1e-4 for pretrained weights, 5e-4 from scratch)')
+    p.add_argument('--resolution', type=_positive_int, metavar='PX', help="training and inference size (default: the variant's)")
+    p.add_argument('--device', help='cpu, cuda, cuda:1, mps (default: cuda if available)')
+    p.add_argument('--resume', metavar='LAST_PTH', help='continue the run saved in this last.pth (model, optimiser, schedule, epoch)')
+    p.add_argument('--out', default='output', metavar='DIR', help='output folder (default: %(default)s)')
+    p.set_defaults(run=lambda args: train_command(args, p))
+
 def build_parser() -> argparse.ArgumentParser:
     "The `rfdetr-nb` argument parser."
     parser = argparse.ArgumentParser(prog='rfdetr-nb', description='RF-DETR object detection (rfdetr_nb).')
     sub = parser.add_subparsers(title='commands', metavar='COMMAND', required=True)
-    _add_predict(sub); _add_export(sub)
+    _add_predict(sub); _add_export(sub); _add_train(sub)
     return parser
 
 def predict_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
@@ -161,6 +194,26 @@ def export_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
         path = rf.export(args.out, backbone_only=args.backbone_only, calibration_data=args.calibration, verbose=False, **kwargs)
     except (OSError, ValueError, RuntimeError) as e: parser.exit(1, f"{parser.prog}: error: {e}\n")
     print(f"Exported {path.resolve()}")
+
+def train_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
+    "Run `rfdetr-nb train`: usage errors exit with 2, failures to load or train with 1."
+    try: detect_layout(args.dataset)
+    except (OSError, ValueError) as e: parser.error(str(e))
+    if args.from_scratch and args.weights: parser.error("--from-scratch starts from random weights: drop --weights.")
+    if args.resume and not Path(args.resume).is_file(): parser.error(f"Checkpoint {args.resume} does not exist.")
+    given = {k: v for k, v in dict(lr=args.lr, resolution=args.resolution, device=args.device, resume=args.resume).items() if v}
+    try:
+        rf = load_detector(args.model, args.weights, args.device, from_scratch=args.from_scratch)
+        if args.resolution:
+            try: check_image_size('--resolution', args.resolution, rf.model.model.cfg.block_size)
+            except ValueError as e: parser.error(str(e))
+        learn = rf.train(dataset_dir=str(args.dataset), epochs=args.epochs, batch_size=args.batch_size,
+                         grad_accum_steps=args.grad_accum_steps, output_dir=str(args.out), **given)
+    except (OSError, ValueError, RuntimeError) as e: parser.exit(1, f"{parser.prog}: error: {e}\n")
+    final = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1])) if learn.recorder.values else {}
+    scores = ', '.join(f"{k} {final[k]:.3f}" for k in ('mAP', 'mAP50') if k in final)
+    print(f"Trained {args.model} for {args.epochs} epoch(s){': last epoch ' + scores if scores else ''}; "
+          f"checkpoints in {Path(args.out).resolve()}")
 
 def main(argv:list[str]|None=None):
     "The `rfdetr-nb` command (`argv` defaults to the command line)."

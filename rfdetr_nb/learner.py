@@ -27,6 +27,9 @@ from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.callback.progress import CSVLogger
 from fastai.callback.schedule import ParamScheduler, SchedLin, SchedCos, SchedNo, combine_scheds
 from fastai.torch_core import to_float, rank_distrib
+from fastai.callback.progress import ProgressCallback
+from fastai.distributed import DistributedDL, DistributedTrainer
+import torch.distributed as dist
 from fastai.vision.data import get_grid
 from .config import ModelConfig, TrainConfig, check_image_size, check_positive_int
 from .model import LWDETR, PostProcess
@@ -43,7 +46,8 @@ __all__ = ['FINE_TUNE', 'FROM_SCRATCH', 'ENCODER', 'DECODER', 'NO_WEIGHT_DECAY',
            'MultiScaleResize', 'cpu_has_bf16', 'autocast_dtype', 'DeviceMixedPrecision', 'AccumulateGradients',
            'COCOEvaluator', 'COCOValue', 'atomic_save', 'rng_state', 'set_rng_state', 'training_state',
            'load_training_state', 'SaveCheckpoints', 'ResumeTraining', 'TrainingCSVLogger', 'tensorboard_callback',
-           'ImageAvgLoss', 'DetectionLearner', 'detector_for', 'set_resolution', 'rfdetr_learner', 'reference_schedule']
+           'ImageAvgLoss', 'DetectionLearner', 'detector_for', 'set_resolution', 'rfdetr_learner', 'reference_schedule',
+           'DetrDistributedDL', 'GatherPredictions', 'DetrDistributedTrainer']
 
 # %% ../nbs/14_learner.ipynb #c007
 FINE_TUNE = {k: getattr(TrainConfig(), k) for k in ('lr', 'lr_encoder', 'lr_vit_layer_decay', 'lr_component_decay')}
@@ -597,3 +601,42 @@ def _train(self:RFDETR, **kwargs) -> DetectionLearner:
     return learn
 
 RFDETR.train = _train
+
+# %% ../nbs/14_learner.ipynb #c075
+class DetrDistributedDL(DistributedDL):
+    "fastai's `DistributedDL` for `DetrDL`: shares the (index, augmentation seed) pairs over any backend, gloo included."
+    def _broadcast(self, t, rank):
+        t = torch.tensor(t, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+        dist.broadcast(t, rank)
+        return [tuple(x) if isinstance(x, list) else x for x in t.tolist()]
+
+class GatherPredictions(Callback):
+    "Before `COCOEvaluator` scores a distributed validation, give it every process's predictions."
+    order, run_train = COCOEvaluator.order - 1, False
+    def after_validate(self):
+        ev = getattr(self.learn, 'coco_evaluator', None)
+        if ev is None or not (dist.is_available() and dist.is_initialized()): return
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, ev.preds)
+        ev.preds = {i: d for share in shares for i, d in share.items()}   # image ids: the padded repeats coincide
+
+class DetrDistributedTrainer(DistributedTrainer):
+    "fastai's `DistributedTrainer` (DDP through `accelerate`), wrapping the DataLoaders in `DetrDistributedDL`."
+    def _wrap_dl(self, dl): return dl if isinstance(dl, DistributedDL) else DetrDistributedDL(dl, device=self.learn.model.device)
+
+@patch
+def to_distributed(self:DetectionLearner, sync_bn:bool=False, **kwargs):
+    "Train with DDP in this process of a distributed launch (what fastai's `distrib_ctx` calls); `kwargs` go to `Accelerator`."
+    from accelerate import DistributedDataParallelKwargs
+    kwargs.setdefault('kwargs_handlers', [DistributedDataParallelKwargs(find_unused_parameters=True)])
+    kwargs.setdefault('cpu', torch.device(self.dls.device or 'cpu').type == 'cpu')
+    self.add_cbs([DetrDistributedTrainer(sync_bn, **kwargs), GatherPredictions()])
+    if rank_distrib(): self.remove_cb(ProgressCallback)
+    return self
+
+@patch
+def detach_distributed(self:DetectionLearner):
+    "Undo `to_distributed` when the distributed fit is over."
+    self.remove_cbs([GatherPredictions, DetrDistributedTrainer])
+    if rank_distrib() and not hasattr(self, 'progress'): self.add_cb(ProgressCallback())
+    return self

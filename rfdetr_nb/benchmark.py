@@ -1,4 +1,4 @@
-"""Eval-forward and `predict` latency, forward memory, and ONNX Runtime latency (float32 and int8) of rfdetr_nb against the reference `rfdetr` on the same weights.
+"""Eval-forward and `predict` latency, forward memory, ONNX Runtime latency (float32 and int8), and the training step of rfdetr_nb against the reference `rfdetr` on the same weights.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/benchmark.html.md"""
 
@@ -12,25 +12,30 @@ import numpy as np
 import onnxruntime
 import torch
 from fastcore.script import call_parse
-from .config import VARIANT_CONFIGS, variant_config
+import itertools
+from .config import VARIANT_CONFIGS, TrainConfig, ModelConfig, variant_config
 from .model import LWDETR
 from .api import detector_class
 from .export import calibration_inputs, onnx_session, quantize_onnx
+from .loss import DetrLoss
+from .learner import ScaledAdamW, scaled_param_groups, training_recipe, cpu_has_bf16
 
 # %% auto #0
-__all__ = ['OPTIMIZED', 'median_times', 'random_checkpoint', 'build_detector', 'reference_available', 'rss_mb', 'peak_growth_mb',
-           'forward_peak_mb', 'forward_peak_mb_subprocess', 'time_detectors', 'onnx_files', 'time_onnx', 'onnx_profile',
-           'report', 'main']
+__all__ = ['OPTIMIZED', 'TRAIN_SETTINGS', 'median_times', 'random_checkpoint', 'build_detector', 'reference_available', 'rss_mb',
+           'peak_growth_mb', 'forward_peak_mb', 'peak_mb_subprocess', 'forward_peak_mb_subprocess', 'time_detectors',
+           'onnx_files', 'time_onnx', 'onnx_profile', 'train_batches', 'our_optimizer', 'reference_criterion',
+           'reference_optimizer', 'training_step', 'train_step_of', 'train_settings', 'time_training', 'train_peak_mb',
+           'train_main', 'report', 'main']
 
 # %% ../nbs/17_benchmark.ipynb #c005
-def median_times(fns:dict, warmup:int=3, runs:int=10) -> dict:
-    "Median wall time (s) of each function in `fns`, after `warmup` untimed calls, the functions taking turns run by run."
+def median_times(fns:dict, warmup:int=3, runs:int=10, clock=time.perf_counter) -> dict:
+    "Median time (s; wall time, or `clock=time.process_time` for CPU time) of each function in `fns` after `warmup` untimed calls, taking turns run by run."
     for fn in fns.values():
         for _ in range(warmup): fn()
     times = {k: [] for k in fns}
     for _ in range(runs):
         for k, fn in fns.items():
-            t = time.perf_counter(); fn(); times[k].append(time.perf_counter() - t)
+            t = clock(); fn(); times[k].append(clock() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 # %% ../nbs/17_benchmark.ipynb #c007
@@ -83,12 +88,16 @@ def forward_peak_mb(impl:str, size:str, weights) -> float:
         with torch.inference_mode(): model(x); model(x)
     return peak_growth_mb(run)
 
-def forward_peak_mb_subprocess(impl:str, size:str, weights) -> float:
-    "`forward_peak_mb` in a fresh Python process, so that neither implementation inherits the other's memory."
-    code = f"from rfdetr_nb.benchmark import forward_peak_mb; print(forward_peak_mb({impl!r}, {size!r}, {str(weights)!r}))"
+def peak_mb_subprocess(fn:str, *args) -> float:
+    "`rfdetr_nb.benchmark.<fn>(*args)` (a peak-memory measure) in a fresh Python process, so that nothing measured before counts."
+    code = f"from rfdetr_nb.benchmark import {fn}; print({fn}(*{tuple(map(str, args))!r}))"
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}   # big blocks straight from/to the OS: RSS follows live tensors
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
+
+def forward_peak_mb_subprocess(impl:str, size:str, weights) -> float:
+    "`forward_peak_mb` in a fresh Python process, so that neither implementation inherits the other's memory."
+    return peak_mb_subprocess('forward_peak_mb', impl, size, weights)
 
 # %% ../nbs/17_benchmark.ipynb #c012
 OPTIMIZED = {'predict_traced_ms': dict(compile=True, dtype=torch.float32),
@@ -160,6 +169,108 @@ def onnx_profile(path, runs:int=3, threads:int=2) -> dict[str, float]:
         if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time'): ms[e['args']['op_name']] += e['dur'] / 1e3 / runs
     return dict(ms.most_common())
 
+# %% ../nbs/17_benchmark.ipynb #c028
+def train_batches(n:int, bs:int, resolution:int, num_slots:int, seed:int=0) -> list[tuple]:
+    "`n` random training batches `(x [bs,3,R,R], targets)`: each image with 2–9 boxes, labels below `num_slots`."
+    g = torch.Generator().manual_seed(seed)
+    def target():
+        k = int(torch.randint(2, 10, (1,), generator=g))
+        boxes = torch.cat([torch.rand(k, 2, generator=g) * .6 + .2, torch.rand(k, 2, generator=g) * .3 + .05], -1)  # cxcywh
+        return {'boxes': boxes, 'labels': torch.randint(0, num_slots, (k,), generator=g)}
+    return [(torch.randn(bs, 3, resolution, resolution, generator=g), [target() for _ in range(bs)]) for _ in range(n)]
+
+def our_optimizer(model:LWDETR) -> ScaledAdamW:
+    "The optimiser `rfdetr_learner` builds for pretrained weights: fused AdamW over the layer-wise groups."
+    tc, recipe = TrainConfig(), training_recipe(True)
+    lr = recipe.pop('lr')
+    return ScaledAdamW(scaled_param_groups(model, lr, tc.weight_decay, **recipe), lr=lr, wd=tc.weight_decay)
+
+def reference_criterion(cfg:ModelConfig):
+    "The reference's `HungarianMatcher` + `SetCriterion` as its trainer builds them: a function `(outputs, targets) -> total loss`."
+    from rfdetr.models.matcher import HungarianMatcher
+    from rfdetr.models.criterion import SetCriterion
+    weights = {'loss_ce': 1., 'loss_bbox': 5., 'loss_giou': 2.}
+    for s in [f'_{i}' for i in range(cfg.dec_layers - 1)] + ['_enc']: weights |= {f'{k}{s}': weights[k] for k in list(weights)[:3]}
+    crit = SetCriterion(cfg.num_classes + 1, HungarianMatcher(cost_class=2., cost_bbox=5., cost_giou=2., focal_alpha=.25),
+                        weight_dict=weights, focal_alpha=.25, losses=['labels', 'boxes', 'cardinality'],
+                        group_detr=cfg.group_detr, ia_bce_loss=True)
+    return lambda outputs, targets: sum(weights[k] * v for k, v in crit(outputs, targets).items() if k in weights)
+
+def reference_optimizer(det) -> torch.optim.Optimizer:
+    "The reference trainer's optimiser on a CPU: `torch.optim.AdamW` (not fused) over its `get_param_dict` groups."
+    from rfdetr.config import TrainConfig as ReferenceTrainConfig
+    from rfdetr._namespace import _namespace_from_configs
+    from rfdetr.training.param_groups import get_param_dict
+    tc = ReferenceTrainConfig(dataset_dir='.', output_dir='.')
+    groups = get_param_dict(_namespace_from_configs(det.model_config, tc), det.model.model)
+    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+
+def training_step(model, loss_func, opt, clip:float=0.1, dtype=None):
+    "`step(x, targets)`: train-mode forward (autocast to `dtype` if given), loss in float32, backward, clipping, optimiser step."
+    params = [p for p in model.parameters() if p.requires_grad]
+    def step(x, targets):
+        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model.train()(x)
+        loss = loss_func(out, targets)
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        return loss.detach()
+    return step
+
+def train_step_of(impl:str, size:str, weights, dtype=None):
+    "The `training_step` of the `impl` ('ours' or 'reference') detector of variant `size` loaded from `weights`."
+    det = build_detector(impl, size, weights)
+    model = det.model.model
+    if impl == 'ours': return training_step(model, DetrLoss(model.cfg), our_optimizer(model), dtype=dtype)
+    return training_step(model, reference_criterion(det.model_config), reference_optimizer(det), dtype=dtype)
+
+# %% ../nbs/17_benchmark.ipynb #c031
+TRAIN_SETTINGS = {'train_ms': None, 'train_bf16_ms': torch.bfloat16}
+
+def train_settings(reference:bool=True) -> dict:
+    "(impl, measure) → autocast dtype: ours in float32 and (with native bfloat16) bfloat16; the reference in float32."
+    ours = {('ours', k): dt for k, dt in TRAIN_SETTINGS.items() if dt is None or cpu_has_bf16()}
+    return ours | ({('reference', 'train_ms'): None} if reference else {})
+
+def time_training(size:str, weights, warmup:int, runs:int, batch_size:int=2, reference:bool=True,
+                  clock=time.perf_counter) -> dict:
+    "Median ms of one training step of each of `train_settings`, in turns on the same batches: {impl: {measure: ms}}."
+    cfg = variant_config(size)
+    batches = train_batches(4, batch_size, cfg.resolution, cfg.num_classes + 1)
+    steps = {k: train_step_of(k[0], size, weights, dt) for k, dt in train_settings(reference).items()}
+    fns = {k: (lambda s=s, it=itertools.cycle(batches): s(*next(it))) for k, s in steps.items()}
+    out = {}
+    for (impl, key), t in median_times(fns, warmup, runs, clock).items(): out.setdefault(impl, {})[key] = t * 1e3
+    return out
+
+def train_peak_mb(impl:str, size:str, weights, bf16:bool=False, batch_size:int=2) -> float:
+    "Peak memory growth (MiB) over two training steps of a freshly built detector (bfloat16 autocast if `bf16`)."
+    bf16, batch_size = bf16 in (True, 'True'), int(batch_size)                 # arguments may come as text
+    step = train_step_of(impl, size, weights, torch.bfloat16 if bf16 else None)
+    cfg = variant_config(size)
+    batches = train_batches(2, batch_size, cfg.resolution, cfg.num_classes + 1)
+    return peak_growth_mb(lambda: [step(*b) for b in batches])
+
+# %% ../nbs/17_benchmark.ipynb #c033
+def train_main(size:str, runs:int, warmup:int, memory:bool, batch_size:int, cpu_time:bool, reference:bool, json_out=None) -> dict:
+    "`rfdetr-nb-benchmark --train`: time (and measure) a training step, print each against the reference's float32 step."
+    cfg = variant_config(size)
+    print(f"{size} training step @ {cfg.resolution}px, batch {batch_size}, {cfg.group_detr} groups, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median {'CPU' if cpu_time else 'wall'} time of {runs} after {warmup} warm-up, "
+          "in turns; bf16 is compared with the reference's float32" + ("" if reference else " (no reference)"))
+    with tempfile.TemporaryDirectory() as d:
+        w = random_checkpoint(size, Path(d) / 'weights.pth')
+        res = time_training(size, w, warmup, runs, batch_size, reference, time.process_time if cpu_time else time.perf_counter)
+        if memory:
+            for (impl, key), dt in train_settings(reference).items():
+                res[impl][key.replace('_ms', '_peak_mb')] = peak_mb_subprocess('train_peak_mb', impl, size, w, dt is not None, batch_size)
+    ref = res.get('reference', {})
+    for key, v in res['ours'].items():
+        print(report(key, v, ref.get('train_peak_mb' if key.endswith('_mb') else 'train_ms'), 'MiB' if key.endswith('_mb') else 'ms'))
+    if json_out: Path(json_out).write_text(json.dumps({'model': size, 'threads': torch.get_num_threads(), 'train': res}, indent=2))
+    return res
+
 # %% ../nbs/17_benchmark.ipynb #c015
 def report(name:str, ours:float, ref:float|None, unit:str) -> str:
     "One result line, with the ratio to the reference when there is one."
@@ -167,7 +278,7 @@ def report(name:str, ours:float, ref:float|None, unit:str) -> str:
     return line + (f"   reference {ref:9.1f} {unit}   ratio {ours / ref:5.2f}" if ref else "")
 
 @call_parse
-def main(model:str='small',       # variant: nano, small, medium, large, base or large-deprecated
+def main(model:str=None,          # variant: nano, small, medium, large, base or large-deprecated (default: small; nano with --train)
          runs:int=10,             # timed runs (median reported)
          warmup:int=3,            # untimed runs first
          threads:int=None,        # torch threads (default: torch's choice)
@@ -175,13 +286,18 @@ def main(model:str='small',       # variant: nano, small, medium, large, base or
          optimized:bool=False,    # also time `predict()` after `inference()`: float32 traced, and bfloat16 traced
          memory:bool=False,       # also measure forward peak memory (fresh processes)
          onnx:bool=False,         # also time ONNX Runtime (2 threads): our float32 and int8 files, the reference's ONNX file
+         train:bool=False,        # time a training step instead (with --memory: its peak memory); see the notebook
+         batch_size:int=2,        # training batch size (--train)
+         cpu_time:bool=False,     # time --train by process CPU time, not wall time (for a loaded machine; with --threads 1)
          reference:bool=True,     # compare with the reference rfdetr when installed (`--no-reference`: ours only)
          json_out:str=None):      # write the results as JSON to this file
     "Time rfdetr_nb (and the reference rfdetr) on the same random weights."
+    model = model or ('nano' if train else 'small')
     size = model if model.startswith('rfdetr-') else f'rfdetr-{model}'
     if size not in VARIANT_CONFIGS: raise SystemExit(f"Unknown model {model!r}; use one of {list(VARIANT_CONFIGS)}.")
     if threads: torch.set_num_threads(threads)
     use_ref = reference and reference_available()
+    if train: return train_main(size, runs, warmup, memory, batch_size, cpu_time, use_ref, json_out)
     print(f"{size} @ {variant_config(size).resolution}px, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {runs} after {warmup} warm-up" + ("" if use_ref else " (reference rfdetr not installed)"))
     with tempfile.TemporaryDirectory() as d:

@@ -128,9 +128,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        q, k, v = linear(x, w, b).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3×[B,h,T,d]
+        proj = (self.query, self.key, self.value)
+        if torch.is_grad_enabled():   # training: three products, no concatenated weight copy kept for backward
+            q, k, v = (F.linear(x, l.weight, l.bias).view(B, T, self.heads, -1).transpose(1, 2) for l in proj)  # 3×[B,h,T,d]
+        else:                         # inference: one product of the stacked weights
+            w, b = torch.cat([l.weight for l in proj]), torch.cat([l.bias for l in proj])
+            q, k, v = linear(x, w, b).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3×[B,h,T,d]
         return attention(q, k, v).transpose(1, 2).reshape(B, T, C)
 
 class SelfOutput(nn.Module):

@@ -204,3 +204,23 @@ def test_train_fine_tunes_with_reference_recipe(memorize, tmp_path):
     enc = [g for g in groups if g['part'] == 'encoder']
     assert max(g['lr_scale'] for g in enc) == pytest.approx(1.5 * 0.49) and min(g['lr_scale'] for g in enc) == pytest.approx(1.5 * 0.49 * 0.8 ** 6)   # n = 5: embeddings at depth 0
     assert rf.class_names == ['circle', 'square', 'triangle'] and (tmp_path / 'out' / 'checkpoint_best_total.pth').exists()
+
+
+def test_fast_path_matches_exact_on_trained_model(tmp_path):
+    """The default CPU path (oneDNN kernels, ~1e-5 in features) gives the detections of the exact path — which is
+    bit-identical to the reference (tests/test_parity.py, tests/test_api.py) — on a model trained until it is confident:
+    the near-tied low scores of random weights are where the two paths may part, not usable detections."""
+    from rfdetr_nb.backbone import fast_kernels
+    from rfdetr_nb.data import load_dataset
+    seed_all()
+    path = synthetic_shapes(tmp_path / 'eight', n_train=8, n_valid=0, size=64, seed=0)
+    shutil.copytree(path / 'train', path / 'valid')
+    learn = rfdetr_learner(dls_of(path, multi_scale=False, scale_jitter=False), tiny_config(num_classes=3, hidden_dim=64),
+                           output_dir=tmp_path / 'out', lr=2e-3, mixed_precision=False)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(75, pct_start=0.1)   # 150 steps: memorises the 8 images
+    rf, images = learn.detector, load_dataset(path, 'valid').image_paths
+    fast = [rf.predict(p, threshold=0.3) for p in images]
+    with fast_kernels(False): exact = [rf.predict(p, threshold=0.3) for p in images]
+    assert sum((d.confidence >= 0.5).sum() for d in fast) >= 2          # confident: a usable threshold keeps detections
+    for a, b in zip(fast, exact):
+        if len(a) or len(b): assert_same_detections(a, b, box_tol=1e-3, conf_tol=1e-4)

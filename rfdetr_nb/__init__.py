@@ -9,9 +9,14 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/package.html.md"""
 __all__ = []
 
 # %% ../nbs/99_package.ipynb #c003
+import warnings
+with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', '`torch.jit.script` is deprecated', FutureWarning)
+    import fastai.torch_basics
 from .api import (RFDETR, RFDETRNano, RFDETRSmall, RFDETRMedium, RFDETRLarge, RFDETRBase,
                            RFDETRLargeDeprecated)
 from .tiling import predict_tiled
 from .metrics import coco_eval
 from .learner import rfdetr_learner
-from .export import OnnxPredictor
+from .export import OnnxPredictor, TFLitePredictor
+

@@ -1,4 +1,4 @@
-"""Build a detector, load a checkpoint, predict on a built-in image and save the annotated result — the README's first command.
+"""Generate the built-in synthetic dataset, train a small RF-DETR on it from scratch on the CPU with fastai, score it on the validation split and draw its predictions — the README's first command.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/demo.html.md"""
 
@@ -6,20 +6,134 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/demo.html.md"""
 
 # %% ../nbs/18_demo.ipynb #c002
 from __future__ import annotations
-import sys, tempfile
+import shutil, time
 from pathlib import Path
 import numpy as np
+import torch
+import supervision as sv
 from PIL import Image, ImageDraw
 from fastcore.script import call_parse
-from .weights import maybe_download_pretrained
-from .benchmark import random_checkpoint
-from .api import detector_class
+from .config import ModelConfig, demo_config, tiny_config
+from .weights import PRETRAINED_WEIGHTS, md5sum, weights_cache_dir
+from .api import detector_class, load_image
+from .data import synthetic_shapes, rfdetr_dls, load_dataset, SHAPE_CLASSES
+from .learner import rfdetr_learner
 from .viz import annotate
 
 # %% auto #0
-__all__ = ['demo_image', 'demo_weights', 'main']
+__all__ = ['DEMO', 'NANO_FINE_TUNE', 'QUICK', 'official_nano_weights', 'demo_plan', 'demo_dataset', 'demo_learner', 'train_demo',
+           'describe_detections', 'demo_image_index', 'main', 'trained_demo', 'demo_image']
 
-# %% ../nbs/18_demo.ipynb #c005
+# %% ../nbs/18_demo.ipynb #c006
+DEMO = dict(n_train=400, n_valid=100, size=256, bs=8, epochs=20, pct_start=0.05)
+NANO_FINE_TUNE = dict(n_train=400, n_valid=100, size=256, bs=4, epochs=3, pct_start=0.05)
+QUICK = dict(n_train=16, n_valid=0, size=64, bs=4, epochs=40, pct_start=0.25, lr=1e-3)   # n_valid=0: validate on the training images
+
+def official_nano_weights() -> Path|None:
+    "The official Nano checkpoint if it is in the weights cache with the official MD5 (nothing is downloaded)."
+    name = detector_class('nano').config_class.pretrained_file
+    path = weights_cache_dir()/name
+    return path if path.is_file() and md5sum(path) == PRETRAINED_WEIGHTS[name][1] else None
+
+def demo_plan(quick:bool=False, nano_weights=None, epochs:int|None=None) -> dict:
+    "What the demo trains: data sizes, batch size, epochs, the model (and its weights or learning rate)."
+    if quick: plan = {**QUICK, 'model': tiny_config(num_classes=len(SHAPE_CLASSES), hidden_dim=64)}
+    elif nano_weights: plan = {**NANO_FINE_TUNE, 'model': 'nano', 'pretrain_weights': str(nano_weights)}
+    else: plan = {**DEMO, 'model': demo_config(num_classes=len(SHAPE_CLASSES))}
+    return plan | ({'epochs': epochs} if epochs else {})
+
+# %% ../nbs/18_demo.ipynb #c009
+def demo_dataset(root, plan:dict) -> Path:
+    "The synthetic shapes dataset of `plan` under `root` (written once; with `n_valid=0` the training images validate too)."
+    folder = Path(root)/f"shapes_{plan['n_train']}_{plan['n_valid']}_{plan['size']}"
+    if not (folder/'valid').exists():
+        synthetic_shapes(folder, n_train=plan['n_train'], n_valid=plan['n_valid'], size=plan['size'])
+        if not plan['n_valid']: shutil.copytree(folder/'train', folder/'valid')
+    return folder
+
+# %% ../nbs/18_demo.ipynb #c012
+def demo_learner(data, plan:dict, output_dir, mixed_precision=False):
+    "`rfdetr_learner` for `plan` on the dataset `data`: DataLoaders at one size with horizontal flips only."
+    model = plan['model']
+    cfg = model if isinstance(model, ModelConfig) else detector_class(model).config_class()
+    dls = rfdetr_dls(data, bs=plan['bs'], resolution=plan['size'], block=cfg.block_size, multi_scale=False,
+                     scale_jitter=False, seed=0)
+    return rfdetr_learner(dls, model, pretrain_weights=plan.get('pretrain_weights'), output_dir=output_dir,
+                          lr=plan.get('lr'), mixed_precision=mixed_precision)
+def train_demo(output_dir, plan:dict|None=None, mixed_precision=False):
+    "Fit `plan` (default: the demo's) on its synthetic dataset under `output_dir`, where the checkpoints go; returns the learner."
+    plan = plan or demo_plan()
+    torch.manual_seed(0)
+    learn = demo_learner(demo_dataset(output_dir, plan), plan, output_dir, mixed_precision)
+    learn.fit_one_cycle(plan['epochs'], pct_start=plan['pct_start'])
+    return learn
+
+
+# %% ../nbs/18_demo.ipynb #c018
+def describe_detections(det:sv.Detections, truth:sv.Detections, names) -> list[str]:
+    "One line per detection: class, score, box, and the ground-truth box it overlaps most (class and IoU)."
+    iou = sv.box_iou_batch(det.xyxy, truth.xyxy) if len(det) and len(truth) else np.zeros((len(det), 0))
+    lines = []
+    for k, (box, c, s) in enumerate(zip(det.xyxy, det.class_id, det.confidence)):
+        j = int(iou[k].argmax()) if iou.shape[1] else -1
+        match = f"truth {names[truth.class_id[j]]} IoU {iou[k, j]:.2f}" if j >= 0 and iou[k, j] > 0 else "no ground-truth box"
+        lines.append(f"{names[c]:<9} {s:.2f}  [{' '.join(f'{v:5.0f}' for v in box)}]  {match}")
+    return lines
+
+def demo_image_index(dataset:sv.DetectionDataset, min_objects:int=3) -> int:
+    "The first image of `dataset` with at least `min_objects` objects (else the one with the most)."
+    counts = [len(dataset.annotations[p]) for p in dataset.image_paths]
+    return next((i for i, n in enumerate(counts) if n >= min_objects), int(np.argmax(counts)))
+
+# %% ../nbs/18_demo.ipynb #c022
+@call_parse
+def main(output_dir:str='demo_output',   # dataset, checkpoints and history.csv go here
+         out:str='demo_prediction.jpg',  # the annotated prediction image
+         epochs:int=None,                # training epochs (default: the plan's)
+         quick:bool=False,               # a run of seconds for tests: the tiny model memorises 16 images
+         bf16:bool=False,                # bfloat16 autocast where the device has it (default: float32; see the notebook)
+         threads:int=None):              # PyTorch threads (default: PyTorch's choice, one per core)
+    "Train a detector on the synthetic shapes dataset from scratch (or fine-tune cached Nano weights), score it and draw a prediction."
+    t0 = time.perf_counter()
+    if threads: torch.set_num_threads(threads)
+    nano = None if quick else official_nano_weights()
+    if not (quick or nano):
+        print(f"The official Nano weights are not in {weights_cache_dir()} (with {detector_class('nano').config_class.pretrained_file} "
+              "there, the demo fine-tunes Nano instead); nothing is downloaded: training from scratch.")
+    plan = demo_plan(quick, nano, epochs)
+    data = demo_dataset(output_dir, plan)
+    what = f"Nano from the official weights ({nano})" if nano else \
+           'the tiny test model (quick: it memorises its training images)' if quick else 'demo_config from scratch'
+    print(f"Dataset: {data} ({plan['n_train']} training, {plan['n_valid'] or plan['n_train']} validation images, "
+          f"{plan['size']} px). Training {what}: {plan['epochs']} epochs of batches of {plan['bs']}, "
+          f"{torch.get_num_threads()} threads.")
+    rf = train_demo(output_dir, plan, mixed_precision='auto' if bf16 else False).detector
+    result = rf.evaluate(data, 'valid', progress=False)
+    minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
+    print(f"Validation split: mAP {result['map']:.3f}, mAP50 {result['map50']:.3f} "
+          f"(trained and scored in {minutes} min {seconds:02d} s). Checkpoints in {Path(output_dir).resolve()}")
+    valid = load_dataset(data, 'valid')
+    path = valid.image_paths[demo_image_index(valid)]
+    det = rf.predict(path, threshold=0.5)
+    print(f"{len(det)} detections scoring ≥ 0.5 in {path}:")
+    for line in describe_detections(det, valid.annotations[path], valid.classes): print('  ' + line)
+    annotate(load_image(path), det).save(out)
+    print(f"Annotated image saved to {Path(out).resolve()}")
+    return result
+
+# %% ../nbs/18_demo.ipynb #c031
+def trained_demo(folder=None) -> tuple[Path, Path]:
+    "(checkpoint, dataset folder) of the demo's trained detector in `folder` (default: the weights cache's `demo/`), trained once if missing."
+    folder = Path(folder or weights_cache_dir()/'demo')
+    if not (folder/'checkpoint_best_total.pth').exists():
+        partial = folder.with_name(folder.name + '.partial')
+        shutil.rmtree(partial, ignore_errors=True)
+        train_demo(partial)
+        partial.rename(folder)
+    return folder/'checkpoint_best_total.pth', demo_dataset(folder, demo_plan())
+
+
+# %% ../nbs/18_demo.ipynb #c024
 def demo_image(width:int=640, height:int=480, seed:int=0) -> Image.Image:
     "A synthetic RGB scene with a few filled shapes."
     rng = np.random.default_rng(seed)
@@ -32,32 +146,3 @@ def demo_image(width:int=640, height:int=480, seed:int=0) -> Image.Image:
         colour = tuple(int(c) for c in rng.integers(0, 255, 3))
         (draw.ellipse if rng.random() < .5 else draw.rectangle)([x, y, x + w, y + h], fill=colour)
     return img
-
-# %% ../nbs/18_demo.ipynb #c008
-def demo_weights(model:str, weights:str|None, tmp:Path) -> tuple[str, bool]:
-    "The weights to use and whether they are trained: `weights`, else the official file, else a random checkpoint."
-    if weights: return weights, True
-    cls = detector_class(model)
-    try: return str(maybe_download_pretrained(cls.config_class.pretrained_file)), True
-    except ConnectionError as e:
-        print(f"{e}\nContinuing with random weights: the pipeline runs, the detections are meaningless.")
-        return str(random_checkpoint(cls.size, tmp / 'random.pth')), False
-
-@call_parse
-def main(model:str='nano',        # variant: nano, small, medium, large, base, large-deprecated
-         weights:str=None,        # checkpoint file (default: the official weights)
-         threshold:float=None,    # score threshold (default 0.5, or 0 with random weights)
-         out:str='demo_prediction.jpg'):  # where to save the annotated image
-    "Detect objects in the built-in demo image and save the annotated result."
-    with tempfile.TemporaryDirectory() as d:
-        path, trained = demo_weights(model, weights, Path(d))
-        rf = detector_class(model)(pretrain_weights=path, device='cpu')
-    image = demo_image()
-    thr = threshold if threshold is not None else (0.5 if trained else 0.0)
-    det = rf.predict(image, threshold=thr)
-    det = det[np.argsort(-det.confidence)[:10]]
-    print(f"{len(det)} detections (top 10 shown, threshold {thr}):")
-    for (x0, y0, x1, y1), n, c in zip(det.xyxy, det.data['class_name'], det.confidence):
-        print(f"  {n:<16} {c:.3f}  [{x0:6.1f} {y0:6.1f} {x1:6.1f} {y1:6.1f}]")
-    annotate(image, det).save(out)
-    print(f"Annotated image saved to {Path(out).resolve()}")

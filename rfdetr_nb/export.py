@@ -8,8 +8,10 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/export.html.md"""
 from __future__ import annotations
 import contextlib, copy, json, logging, os, shutil, tempfile, time, warnings
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import onnx
@@ -24,13 +26,16 @@ from .model import PostProcess
 from .api import (RFDETR, check_shape, check_threshold, class_name_map, images_to_batch, outputs_to_detections,
                            to_tensor01)
 from .viz import folder_images, IMAGE_EXTENSIONS
+from .data import load_dataset
+from .metrics import evaluate
 
 # %% auto #0
 __all__ = ['EXPORT_FORMATS', 'QUANTIZATIONS', 'OPSETS', 'QUANTIZED_OPS', 'TFLITE_OPSET', 'BackboneFeatures', 'export_network',
            'check_export_args', 'export_metadata', 'decode_metadata', 'read_metadata', 'output_names', 'write_onnx',
            'calibration_inputs', 'weight_nodes', 'quiet_logging', 'int8_path', 'quantize_onnx', 'sample_input',
-           'export_path', 'onnx_session', 'max_abs_errors', 'OnnxPredictor', 'tflite_paths', 'quiet_converter',
-           'tflite_converter', 'run_tflite', 'convert_float', 'quantize_tflite', 'export_tflite']
+           'export_path', 'onnx_session', 'max_abs_errors', 'ExportedPredictor', 'OnnxPredictor', 'tflite_paths',
+           'quiet_converter', 'tflite_converter', 'run_tflite', 'convert_float', 'quantize_tflite', 'export_tflite',
+           'TFLitePredictor', 'export_accuracy']
 
 # %% ../nbs/15_export.ipynb #c005
 class BackboneFeatures(nn.Module):
@@ -237,35 +242,30 @@ def max_abs_errors(path, net:nn.Module, x:torch.Tensor) -> dict[str, float]:
     return {o.name: float(np.abs(g - w.numpy()).max()) for o, g, w in zip(sess.get_outputs(), got, want)}
 
 # %% ../nbs/15_export.ipynb #c034
-class OnnxPredictor:
-    "Detect objects with an exported ONNX file on ONNX Runtime, pre- and post-processing as `RFDETR.predict`."
-    def __init__(self, path, threads:int|None=None):
-        path = Path(path)
-        if not path.is_file(): raise FileNotFoundError(f"ONNX file {path} does not exist.")
-        self.path, self.session = path, onnx_session(path, threads)
-        outs = [o.name for o in self.session.get_outputs()]
-        if outs[:2] != ['dets', 'labels']:
-            raise ValueError(f"{path} has outputs {outs}, not a detector's 'dets' and 'labels' (a backbone-only export?).")
-        inp = self.session.get_inputs()[0]
-        b, _, h, w = inp.shape
-        self.input_name, self.shape, self.batch_size = inp.name, (h, w), b if isinstance(b, int) else None
-        self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
-        n_slots = self.session.get_outputs()[1].shape[-1]
-        self.class_id_names = (dict(zip(self.metadata['class_ids'], self.metadata['class_names'])) if 'class_names' in self.metadata
+class ExportedPredictor:
+    "`predict` for an exported file: `RFDETR.predict`'s pre- and post-processing around a subclass's `forward`."
+    def setup(self, path, shape, batch_size, metadata:dict, n_slots:int, n_boxes:int):
+        "Store the file's input `shape` and `batch_size` (None: dynamic), class names from `metadata`, the post-processing."
+        self.path, self.shape, self.batch_size, self.metadata = Path(path), tuple(shape), batch_size, metadata
+        self.class_id_names = (dict(zip(metadata['class_ids'], metadata['class_names'])) if 'class_names' in metadata
                                else class_name_map(None, n_slots - 1))
-        self.postprocess = PostProcess(self.metadata.get('num_select', self.session.get_outputs()[0].shape[1]))
+        self.postprocess = PostProcess(metadata.get('num_select', n_boxes))
 
     @property
     def class_names(self) -> list[str]: return list(self.class_id_names.values())
 
-    def __repr__(self): return f"OnnxPredictor({self.path.name!r}, shape={self.shape}, batch_size={self.batch_size or 'dynamic'})"
+    def __repr__(self): return f"{type(self).__name__}({self.path.name!r}, shape={self.shape}, batch_size={self.batch_size or 'dynamic'})"
+
+    def run(self, x:np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        "(dets, labels) of one chunk of the file's batch size."
+        raise NotImplementedError
 
     def forward(self, batch:torch.Tensor) -> dict:
         "A normalised batch `[B,3,h,w]` → `pred_boxes` `[B,Q,4]`, `pred_logits` `[B,Q,C]` (in chunks of a fixed batch size)."
         x = batch.cpu().numpy()
         n = self.batch_size or len(x)
         x = np.concatenate([x, np.zeros((-len(x) % n, *x.shape[1:]), x.dtype)])             # pad to whole chunks
-        outs = [self.session.run(['dets', 'labels'], {self.input_name: x[i:i + n]}) for i in range(0, len(x), n)]
+        outs = [self.run(x[i:i + n]) for i in range(0, len(x), n)]
         boxes, logits = (torch.from_numpy(np.concatenate(o)[:len(batch)]) for o in zip(*outs))
         return {'pred_boxes': boxes, 'pred_logits': logits}
 
@@ -276,6 +276,23 @@ class OnnxPredictor:
         dets = outputs_to_detections(self.forward(batch), tensors, self.postprocess, self.class_id_names, threshold,
                                      include_source_image)
         return dets[0] if single else dets
+
+class OnnxPredictor(ExportedPredictor):
+    "Detect objects with an exported ONNX file on ONNX Runtime, pre- and post-processing as `RFDETR.predict`."
+    def __init__(self, path, threads:int|None=None):
+        if not Path(path).is_file(): raise FileNotFoundError(f"ONNX file {path} does not exist.")
+        self.session = onnx_session(path, threads)
+        outs = self.session.get_outputs()
+        if [o.name for o in outs][:2] != ['dets', 'labels']:
+            raise ValueError(f"{path} has outputs {[o.name for o in outs]}, not a detector's 'dets' and 'labels' (a backbone-only export?).")
+        inp = self.session.get_inputs()[0]
+        b, _, h, w = inp.shape
+        self.input_name = inp.name
+        self.setup(path, (h, w), b if isinstance(b, int) else None, decode_metadata(self.session.get_modelmeta().custom_metadata_map),
+                   outs[1].shape[-1], outs[0].shape[1])
+
+    def run(self, x): return self.session.run(['dets', 'labels'], {self.input_name: x})
+
 
 # %% ../nbs/15_export.ipynb #c061
 TFLITE_OPSET = 20   # ONNX's `Gelu` (opset 20) becomes TFLite's GELU; below it the exact GELU is an `Erf`, which TFLite lacks
@@ -376,3 +393,46 @@ def export_tflite(path, quantization=None, calibration:np.ndarray|None=None, ver
         print(f"Converted to {files['fp32'].name}, {files['fp16'].name} in {t1 - t0:.0f} s"
               + (f"; {files['int8'].name} in {time.perf_counter() - t1:.0f} s" if quantization == 'int8' else ''))
     return files['fp32' if quantization in (None, 'fp32') else quantization]
+
+# %% ../nbs/15_export.ipynb #c071
+class TFLitePredictor(ExportedPredictor):
+    "Detect objects with an exported TFLite file in the LiteRT interpreter, names and shape from the ONNX file beside it."
+    def __init__(self, path, threads:int|None=None):
+        path = Path(path)
+        if not path.is_file(): raise FileNotFoundError(f"TFLite file {path} does not exist.")
+        source = path.with_name(path.name.rsplit('.', 2)[0] + '.onnx')
+        if not source.is_file():
+            raise FileNotFoundError(f"{path} needs the ONNX file it was converted from beside it ({source.name}): it holds the "
+                                    "class names and input shape. Export again with format='tflite' to get both.")
+        try: from ai_edge_litert.interpreter import Interpreter
+        except ImportError as e: raise _missing_extra(e) from e
+        with quiet_converter(): self.runner = Interpreter(model_path=str(path), num_threads=threads).get_signature_runner()
+        meta = read_metadata(source)
+        batch = onnx.load(str(source), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_value
+        self.setup(path, meta['input_shape'], batch, meta, meta['num_classes'] + 1, meta['num_select'])
+
+    def run(self, x):
+        out = self.runner(input=np.ascontiguousarray(x.transpose(0, 2, 3, 1)))     # the file takes NHWC
+        return out['dets'], out['labels']
+
+
+# %% ../nbs/15_export.ipynb #c074
+def export_accuracy(rf:RFDETR, dataset_dir, folder, split:str='valid', calibration_split:str='train', max_images:int=100):
+    "COCO mAP of `rf` on `split` in PyTorch (float32, bfloat16) and exported to ONNX (float32, int8) and TFLite (float32, float16, int8)."
+    dataset = load_dataset(dataset_dir, split)
+    cal = Path(dataset_dir) / calibration_split
+    kw = dict(quantization='int8', calibration_data=cal, max_images=max_images, verbose=False)
+    int8 = rf.export(Path(folder) / 'onnx', **kw)
+    rf.export(Path(folder) / 'tflite', format='tflite', **kw)
+    tflite = tflite_paths(export_path(rf, Path(folder) / 'tflite'))
+    paths = {'PyTorch float32': rf, 'ONNX Runtime float32': OnnxPredictor(export_path(rf, Path(folder) / 'onnx')),
+             'ONNX Runtime int8': OnnxPredictor(int8), **{f'TFLite {q}': TFLitePredictor(tflite[q]) for q in ('fp32', 'fp16', 'int8')}}
+    score = lambda p: evaluate(partial(p.predict, include_source_image=False), dataset, progress=False)
+    rows = {name: score(p) for name, p in paths.items()}
+    try: rows['PyTorch bfloat16'] = score(rf.optimize_for_inference(compile=False, dtype='bfloat16'))
+    finally: rf.remove_optimized_model()
+    sizes = {name: p.path.stat().st_size / 1e6 for name, p in paths.items() if hasattr(p, 'path')}
+    table = pd.DataFrame({name: {'mAP': r['map'], 'mAP50': r['map50'], 'MB': sizes.get(name)} for name, r in rows.items()}).T
+    table['Δ mAP (points)'] = 100 * (table['mAP'] - table.loc['PyTorch float32', 'mAP'])
+    return table
+

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from torchvision.ops import box_convert, box_iou
 from rfdetr_nb.api import tiny_detector, images_to_batch
 from rfdetr_nb.loss import DetrLoss
-from rfdetr_nb.export import onnx_session, run_tflite, tflite_paths
+from rfdetr_nb.export import onnx_session, run_tflite, tflite_paths, OnnxPredictor, TFLitePredictor
 
 pytest.importorskip('onnx2tf')   # the export extra; .ci/run installs it, so there this never skips
 
@@ -40,9 +40,12 @@ def fitted_detector():
     return rf, x.numpy()
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
+def fitted(): return fitted_detector()
+
+@pytest.fixture(scope='module')
+def exported(fitted, tmp_path_factory):
     "The fitted detector exported to TFLite with an int8 file calibrated on the scene and noisy copies of it."
-    rf, x = fitted_detector()
+    rf, x = fitted
     rng = np.random.default_rng(0)
     cal = np.clip(scene()[None] / 255 + rng.normal(0, .05, (8, SIZE, SIZE, 3)), 0, 1).astype(np.float32)
     d = tmp_path_factory.mktemp('tflite')
@@ -84,3 +87,29 @@ def test_int8_keeps_the_detections(exported):
     q_boxes, q_conf, q_cls = detections(run_tflite(files['int8'], x), 0.25)
     iou = box_iou(boxes, q_boxes).numpy() * (cls[:, None] == q_cls[None])  # same class only
     assert (iou.max(1, initial=0) >= 0.5).all(), (boxes, q_boxes, conf, q_conf)
+
+def test_tflite_predictor_matches_onnx_predictor(exported):
+    "TFLitePredictor: `predict`'s pre- and post-processing around the float32 file, names from the ONNX file beside it."
+    _, files, _, _ = exported
+    want = OnnxPredictor(files['fp32'].with_name('inference_model.onnx')).predict(scene(), threshold=0.5)
+    got = TFLitePredictor(files['fp32']).predict([scene(), scene()], threshold=0.5)    # a list: chunks of the fixed batch
+    assert len(want) >= 1
+    for g in got:
+        assert list(g.data['class_name']) == list(want.data['class_name'])
+        np.testing.assert_allclose(g.xyxy, want.xyxy, atol=0.1)          # pixels of the 64-px image
+        np.testing.assert_allclose(g.confidence, want.confidence, atol=1e-3)
+
+def test_cli_exports_tflite(fitted, tmp_path, capsys):
+    "`rfdetr-nb export --format tflite --quantization int8 --calibration DIR` writes the ONNX file and the three TFLite files."
+    from unittest import mock
+    from rfdetr_nb import cli
+    rf, _ = fitted
+    (tmp_path / 'cal').mkdir()
+    Image.fromarray(scene()).save(tmp_path / 'cal' / 'scene.png')
+    with mock.patch.object(cli, 'load_detector', lambda *a, **k: rf):
+        cli.main(['export', '--model', 'nano', '--format', 'tflite', '--quantization', 'int8',
+                  '--calibration', str(tmp_path / 'cal'), '--out', str(tmp_path / 'out')])
+    files = tflite_paths(tmp_path / 'out' / 'inference_model.onnx')
+    assert all(f.is_file() for f in files.values()) and (tmp_path / 'out' / 'inference_model.onnx').is_file()
+    assert str(files['int8']) in capsys.readouterr().out
+    assert len(TFLitePredictor(files['int8']).predict(scene(), threshold=0.3)) >= 1

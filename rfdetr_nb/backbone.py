@@ -137,12 +137,14 @@ class SelfAttention(nn.Module):
         return attention(q, k, v).transpose(1, 2).reshape(B, T, C)
 
 class SelfOutput(nn.Module):
+    "The linear layer after attention (checkpoint layout)."
     def __init__(self, hidden):
         super().__init__()
         self.dense = nn.Linear(hidden, hidden)
     def forward(self, x): return linear(x, self.dense.weight, self.dense.bias)
 
 class Attention(nn.Module):
+    "Self-attention and its output projection."
     def __init__(self, hidden, heads):
         super().__init__()
         self.attention, self.output = SelfAttention(hidden, heads), SelfOutput(hidden)
@@ -156,6 +158,7 @@ class LayerScale(nn.Module):
     def forward(self, x): return x * self.lambda1
 
 class Mlp(nn.Module):
+    "Feed-forward: linear, exact GELU, linear."
     def __init__(self, hidden, mlp_hidden):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(hidden, mlp_hidden), nn.Linear(mlp_hidden, hidden)
@@ -200,6 +203,7 @@ def global_blocks(out_feature_indexes) -> set:
     return set(out_feature_indexes)
 
 class Encoder(nn.Module):
+    "The stack of ViT blocks; a block is global if its index is tapped, windowed otherwise."
     def __init__(self, cfg:ModelConfig):
         super().__init__()
         enc, nw = cfg.encoder_config, cfg.num_windows

@@ -169,7 +169,7 @@ def variant_config(size:str, **overrides) -> ModelConfig:
 
 # %% ../nbs/00_config.ipynb #c023
 def tiny_config(**overrides) -> ModelConfig:
-    "A very small model for tests and examples (4-block encoder, 1 decoder layer, 10 queries)."
+    "A very small model for tests and examples (4-block encoder, 2 decoder layers, 10 queries)."
     kw = dict(encoder=EncoderConfig(hidden_size=32, num_heads=2, num_layers=4), hidden_dim=32, patch_size=8,
               num_windows=2, dec_layers=2, sa_nheads=2, ca_nheads=4, num_queries=10, num_select=10, group_detr=3,
               out_feature_indexes=(1, 2, 3, 4), resolution=64, num_classes=5, dim_feedforward=64)

@@ -81,6 +81,7 @@ class DecoderLayer(nn.Module):
 
 # %% ../nbs/04_transformer.ipynb #c016
 class Decoder(nn.Module):
+    "The decoder layers, all around the same reference boxes; each layer's states, normed."
     def __init__(self, cfg:ModelConfig):
         super().__init__()
         D = cfg.hidden_dim

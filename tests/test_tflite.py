@@ -113,3 +113,12 @@ def test_cli_exports_tflite(fitted, tmp_path, capsys):
     assert all(f.is_file() for f in files.values()) and (tmp_path / 'out' / 'inference_model.onnx').is_file()
     assert str(files['int8']) in capsys.readouterr().out
     assert len(TFLitePredictor(files['int8']).predict(scene(), threshold=0.3)) >= 1
+
+def test_backbone_only_tflite(fitted, tmp_path):
+    "`backbone_only=True` converts too: the `features` map of the float32 file matches ONNX Runtime's."
+    rf, x = fitted
+    path = rf.export(tmp_path, backbone_only=True, format='tflite', verbose=False)
+    assert path.name == 'inference_model-backbone.fp32.tflite'
+    want = onnx_session(tmp_path / 'inference_model-backbone.onnx').run(None, {'input': x})[0]
+    got = run_tflite(path, x)['features']
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-3

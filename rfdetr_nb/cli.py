@@ -12,6 +12,7 @@ import supervision as sv
 from tqdm.auto import tqdm
 from .config import check_image_size
 from .api import RFDETR, VARIANTS, detector_class, load_image
+from .checkpoint import read_checkpoint
 from .data import detect_layout
 import rfdetr_nb.learner  # noqa: F401  (adds RFDETR.train)
 from .export import EXPORT_FORMATS, QUANTIZATIONS, OnnxPredictor, check_export_args
@@ -19,8 +20,8 @@ from .tiling import predict_tiled
 from .viz import annotate, folder_images, IMAGE_EXTENSIONS
 
 # %% auto #0
-__all__ = ['image_files', 'output_names', 'detections_to_json', 'predict_files', 'load_detector', 'build_parser',
-           'predict_command', 'export_command', 'train_command', 'main']
+__all__ = ['image_files', 'output_names', 'detections_to_json', 'predict_files', 'custom_architecture', 'load_detector',
+           'build_parser', 'predict_command', 'export_command', 'train_command', 'main']
 
 # %% ../nbs/16_cli.ipynb #c005
 def image_files(inputs) -> list[Path]:
@@ -74,10 +75,17 @@ def predict_files(rf:RFDETR, paths, out_dir, threshold:float=0.5, tile:int|None=
     return json_path
 
 # %% ../nbs/16_cli.ipynb #c014
+def custom_architecture(path) -> bool:
+    "Whether the checkpoint at `path` holds a model of its own configuration rather than one of the variants."
+    ckpt = read_checkpoint(path)
+    return ckpt.get('model_name') not in {c.__name__ for c in VARIANTS.values()} and isinstance(ckpt.get('model_config'), dict)
+
 def load_detector(model:str, weights:str|None=None, device:str|None=None, from_scratch:bool=False) -> RFDETR:
-    "The `model` variant with `weights` (default: its official weights; random with `from_scratch`) on `device` (default: GPU if any)."
+    "The `model` variant with `weights` (default: its official weights; random with `from_scratch`) on `device` (default: GPU if any); a custom architecture's checkpoint is rebuilt as it is."
     kwargs = {k: v for k, v in (('pretrain_weights', weights), ('device', device)) if v}
     if from_scratch: kwargs['pretrain_weights'] = None
+    elif weights and Path(weights).is_file() and custom_architecture(weights):
+        return RFDETR.from_checkpoint(weights, **({'device': device} if device else {}))
     return detector_class(model)(**kwargs)
 
 # %% ../nbs/16_cli.ipynb #c017

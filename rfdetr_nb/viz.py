@@ -36,8 +36,8 @@ def text_colours(palette:sv.ColorPalette=sv.ColorPalette.DEFAULT) -> sv.ColorPal
 
 def annotate(image, det:sv.Detections, boxes:bool=True, labels:bool=True) -> Image.Image:
     "A copy of `image` (PIL or HWC uint8 array) with `det`'s boxes and `name score` labels drawn."
-    scene = np.array(image.convert('RGB') if isinstance(image, Image.Image) else image)
-    wh = scene.shape[1::-1]
+    scene = image.convert('RGB') if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    wh = scene.size                         # supervision draws on a PIL image in RGB; on an array it would assume BGR
     thickness = sv.calculate_optimal_line_thickness(wh)
     if boxes: scene = sv.BoxAnnotator(thickness=thickness).annotate(scene, det)
     if labels and len(det):
@@ -45,7 +45,7 @@ def annotate(image, det:sv.Detections, boxes:bool=True, labels:bool=True) -> Ima
         scale = max(.4, sv.calculate_optimal_text_scale(wh))      # OpenCV's font blurs below 0.4
         scene = sv.LabelAnnotator(text_color=text_colours(), text_scale=scale, text_thickness=max(1, round(scale * 1.5)),
                                   text_padding=round(6 * scale), smart_position=True).annotate(scene, det, labels=text)
-    return Image.fromarray(scene)
+    return scene
 
 # %% ../nbs/09_viz.ipynb #c008
 def filter_detections(det:sv.Detections, threshold:float=0.0, classes=None) -> sv.Detections:

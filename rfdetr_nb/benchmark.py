@@ -54,6 +54,7 @@ def build_detector(impl:str, size:str, weights):
     cls = detector_class(size)
     if impl == 'reference':
         import rfdetr
+        logging.getLogger('rf-detr').setLevel(logging.ERROR)   # its advice on DINOv2 weights and `inference()` is noise here
         cls = getattr(rfdetr, cls.__name__)          # the reference names its classes the same way
     return cls(pretrain_weights=str(weights), device='cpu')
 

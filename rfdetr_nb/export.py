@@ -34,8 +34,8 @@ __all__ = ['EXPORT_FORMATS', 'QUANTIZATIONS', 'OPSETS', 'QUANTIZED_OPS', 'TFLITE
            'check_export_args', 'export_metadata', 'decode_metadata', 'read_metadata', 'output_names', 'write_onnx',
            'calibration_inputs', 'weight_nodes', 'quiet_logging', 'int8_path', 'quantize_onnx', 'sample_input',
            'export_path', 'onnx_session', 'max_abs_errors', 'ExportedPredictor', 'OnnxPredictor', 'tflite_paths',
-           'quiet_converter', 'tflite_converter', 'run_tflite', 'convert_float', 'quantize_tflite', 'export_tflite',
-           'TFLitePredictor', 'export_accuracy']
+           'quiet_converter', 'tflite_converter', 'tflite_runner', 'run_tflite', 'convert_float', 'quantize_tflite',
+           'export_tflite', 'TFLitePredictor', 'export_accuracy']
 
 # %% ../nbs/15_export.ipynb #c005
 class BackboneFeatures(nn.Module):
@@ -326,13 +326,17 @@ def tflite_converter():
     except ImportError as e: raise _missing_extra(e) from e
     return onnx2tf, onnxsim, tf
 
-def run_tflite(path, x:np.ndarray, threads:int|None=None) -> dict[str, np.ndarray]:
-    "Outputs by name of the TFLite file `path` in the LiteRT interpreter on a normalised batch `x` `[B,3,H,W]`."
+def tflite_runner(path, threads:int|None=None):
+    "A function giving the outputs by name of the TFLite file `path` (LiteRT interpreter) on a normalised batch `x` `[B,3,H,W]`."
     try: from ai_edge_litert.interpreter import Interpreter
     except ImportError as e: raise _missing_extra(e) from e
     with quiet_converter():                                         # LiteRT's note about its CPU delegate
         run = Interpreter(model_path=str(path), num_threads=threads).get_signature_runner()
-        return run(input=np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32))  # the file takes NHWC
+    return lambda x: run(input=np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32))  # the file takes NHWC
+
+def run_tflite(path, x:np.ndarray, threads:int|None=None) -> dict[str, np.ndarray]:
+    "Outputs by name of the TFLite file `path` in the LiteRT interpreter on a normalised batch `x` `[B,3,H,W]`."
+    with quiet_converter(): return tflite_runner(path, threads)(x)
 
 # %% ../nbs/15_export.ipynb #c062
 def convert_float(model:onnx.ModelProto, folder) -> Path:
@@ -404,15 +408,13 @@ class TFLitePredictor(ExportedPredictor):
         if not source.is_file():
             raise FileNotFoundError(f"{path} needs the ONNX file it was converted from beside it ({source.name}): it holds the "
                                     "class names and input shape. Export again with format='tflite' to get both.")
-        try: from ai_edge_litert.interpreter import Interpreter
-        except ImportError as e: raise _missing_extra(e) from e
-        with quiet_converter(): self.runner = Interpreter(model_path=str(path), num_threads=threads).get_signature_runner()
+        self.runner = tflite_runner(path, threads)
         meta = read_metadata(source)
         batch = onnx.load(str(source), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_value
         self.setup(path, meta['input_shape'], batch, meta, meta['num_classes'] + 1, meta['num_select'])
 
     def run(self, x):
-        out = self.runner(input=np.ascontiguousarray(x.transpose(0, 2, 3, 1)))     # the file takes NHWC
+        out = self.runner(x)
         return out['dets'], out['labels']
 
 

@@ -27,7 +27,9 @@ def ms_deform_attn_core(value:torch.Tensor, shapes:list[tuple[int, int]], loc:to
         start += h * w                                                       # each [B·H,d,Q,P]
     s = sampled[0] if L == 1 else torch.stack(sampled, dim=-2).flatten(-2)  # [B·H,d,Q,L·P]
     a = attn.permute(0, 2, 1, 3, 4).reshape(B * H, 1, Q, L * P)
-    return (s * a).sum(-1).view(B, H * d, Q).transpose(1, 2)               # [B,Q,H·d]
+    # contiguous, as the reference returns it: the BLAS under `output_proj` picks its kernel, and so the order of
+    # its sums, by memory layout; a transposed input rounds differently on some CPUs (AMD EPYC, AVX-512)
+    return (s * a).sum(-1).view(B, H * d, Q).transpose(1, 2).contiguous()  # [B,Q,H·d]
 
 # %% ../nbs/03_deform_attn.ipynb #c012
 def ms_deform_attn_gather(value:torch.Tensor, shapes:list[tuple[int, int]], loc:torch.Tensor, attn:torch.Tensor) -> torch.Tensor:

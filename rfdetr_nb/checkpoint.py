@@ -6,7 +6,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/checkpoint.html.md"""
 
 # %% ../nbs/07_checkpoint.ipynb #c002
 from __future__ import annotations
-import argparse, pickle, re, types, zipfile
+import argparse, re, types, zipfile
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -30,9 +30,10 @@ def read_checkpoint(path) -> dict:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):   # zip checkpoints are memory-mapped: read lazily, once
             ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
+    except OSError: raise                                        # unreadable (permissions, I/O): its own message
+    except Exception as e:                                       # any other file trips the unpickler somewhere
         raise ValueError(f"Checkpoint {path} could not be read as a PyTorch checkpoint "
-                         f"(truncated, corrupt or another format): {str(e).splitlines()[0]}") from e
+                         f"(truncated, corrupt or another format): {(str(e).splitlines() or [type(e).__name__])[0]}") from e
     if not isinstance(ckpt, dict) or not ({'model', 'state_dict'} & set(ckpt)):
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"Checkpoint {path} holds no model weights: expected a dict with 'model' or 'state_dict', found {found}.")

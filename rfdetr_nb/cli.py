@@ -6,7 +6,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/cli.html.md"""
 
 # %% ../nbs/16_cli.ipynb #c002
 from __future__ import annotations
-import argparse, json
+import argparse, json, math
 from pathlib import Path
 import supervision as sv
 from tqdm.auto import tqdm
@@ -14,7 +14,7 @@ from .config import check_image_size
 from .api import RFDETR, VARIANTS, detector_class, load_image
 from .checkpoint import read_checkpoint
 from .data import detect_layout
-import rfdetr_nb.learner  # noqa: F401  (adds RFDETR.train)
+from .learner import output_folder   # (importing the learner adds RFDETR.train)
 from .export import EXPORT_FORMATS, QUANTIZATIONS, OnnxPredictor, check_export_args
 from .tiling import predict_tiled
 from .viz import annotate, folder_images, IMAGE_EXTENSIONS
@@ -137,10 +137,10 @@ def _add_export(sub):
     p.set_defaults(run=lambda args: export_command(args, p))
 
 def _positive_float(s:str) -> float:
-    "`s` as a float > 0, for argparse."
+    "`s` as a finite float > 0, for argparse."
     try: v = float(s)
     except ValueError: v = 0.
-    if not v > 0: raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    if not (math.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {s!r}")
     return v
 
 def _add_train(sub):
@@ -161,7 +161,8 @@ def _add_train(sub):
                    help='base learning rate (default: 1e-4 for pretrained weights, 5e-4 from scratch)')
     p.add_argument('--resolution', type=_positive_int, metavar='PX', help="training and inference size (default: the variant's)")
     p.add_argument('--device', help='cpu, cuda, cuda:1, mps (default: cuda if available)')
-    p.add_argument('--resume', metavar='LAST_PTH', help='continue the run saved in this last.pth (model, optimiser, schedule, epoch)')
+    p.add_argument('--resume', metavar='LAST_PTH',
+                   help='continue the run saved in this last.pth (its model, optimiser, learning rates, epoch; no --model needed)')
     p.add_argument('--out', default='output', metavar='DIR', help='output folder (default: %(default)s)')
     p.set_defaults(run=lambda args: train_command(args, p))
 
@@ -205,13 +206,15 @@ def export_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
 
 def train_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
     "Run `rfdetr-nb train`: usage errors exit with 2, failures to load or train with 1."
-    try: detect_layout(args.dataset)
+    try: detect_layout(args.dataset); output_folder(args.out)
     except (OSError, ValueError) as e: parser.error(str(e))
     if args.from_scratch and args.weights: parser.error("--from-scratch starts from random weights: drop --weights.")
+    if args.from_scratch and args.resume: parser.error("--resume continues a run with its own weights and learning rates: drop --from-scratch.")
     if args.resume and not Path(args.resume).is_file(): parser.error(f"Checkpoint {args.resume} does not exist.")
     given = {k: v for k, v in dict(lr=args.lr, resolution=args.resolution, device=args.device, resume=args.resume).items() if v}
     try:
-        rf = load_detector(args.model, args.weights, args.device, from_scratch=args.from_scratch)
+        if args.resume and not args.weights: rf = RFDETR.from_checkpoint(args.resume, **({'device': args.device} if args.device else {}))
+        else: rf = load_detector(args.model, args.weights, args.device, from_scratch=args.from_scratch)
         if args.resolution:
             try: check_image_size('--resolution', args.resolution, rf.model.model.cfg.block_size)
             except ValueError as e: parser.error(str(e))
@@ -220,7 +223,7 @@ def train_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
     except (OSError, ValueError, RuntimeError) as e: parser.exit(1, f"{parser.prog}: error: {e}\n")
     final = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1])) if learn.recorder.values else {}
     scores = ', '.join(f"{k} {final[k]:.3f}" for k in ('mAP', 'mAP50') if k in final)
-    print(f"Trained {args.model} for {args.epochs} epoch(s){': last epoch ' + scores if scores else ''}; "
+    print(f"Trained {type(rf).__name__} for {args.epochs} epoch(s){': last epoch ' + scores if scores else ''}; "
           f"checkpoints in {Path(args.out).resolve()}")
 
 def main(argv:list[str]|None=None):

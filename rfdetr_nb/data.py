@@ -6,8 +6,8 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/data.html.md"""
 
 # %% ../nbs/11_data.ipynb #c002
 from __future__ import annotations
-import json, random, warnings
-from functools import partial
+import json, os, random, warnings
+from functools import partial, lru_cache
 from pathlib import Path
 import cv2
 import numpy as np
@@ -27,12 +27,13 @@ from .api import IMAGENET_MEAN, IMAGENET_STD
 from .viz import folder_images
 
 # %% auto #0
-__all__ = ['SPLITS', 'COCO_JSON', 'SHAPE_CLASSES', 'CROP_SHORT_SIDES', 'CROP_MIN_SIDE', 'split_name', 'yolo_data_file',
-           'detect_layout', 'clamp_boxes', 'detection_dataset', 'read_json', 'read_coco', 'coco_label_categories',
-           'coco_images', 'roboflow_split', 'read_yaml', 'yolo_class_names', 'yolo_split_dirs', 'read_yolo_labels',
-           'image_size', 'yolo_split', 'coco2017_split', 'load_dataset', 'shapes_image', 'synthetic_shapes',
-           'show_boxes', 'multi_scale_sizes', 'resize_square', 'random_square_crop', 'crop_square', 'hflip', 'augment',
-           'detr_target', 'DetectionItems', 'DetrDL', 'DetrDataLoaders', 'rfdetr_dls']
+__all__ = ['SPLITS', 'COCO_JSON', 'IMAGE_SIGNATURES', 'IMAGE_ENDS', 'SHAPE_CLASSES', 'CROP_SHORT_SIDES', 'CROP_MIN_SIDE',
+           'split_name', 'yolo_data_file', 'detect_layout', 'clamp_boxes', 'image_problem', 'detection_dataset',
+           'read_json', 'read_coco', 'coco_label_categories', 'coco_images', 'roboflow_split', 'read_yaml',
+           'yolo_class_names', 'yolo_split_dirs', 'read_yolo_labels', 'image_size', 'yolo_split', 'coco2017_split',
+           'load_dataset', 'shapes_image', 'synthetic_shapes', 'show_boxes', 'multi_scale_sizes', 'resize_square',
+           'random_square_crop', 'crop_square', 'hflip', 'augment', 'detr_target', 'DetectionItems', 'DetrDL',
+           'DetrDataLoaders', 'background_share', 'check_objects', 'rfdetr_dls']
 
 # %% ../nbs/11_data.ipynb #c005
 SPLITS = ('train', 'valid', 'test')
@@ -72,13 +73,38 @@ def clamp_boxes(xyxy:np.ndarray, w:float, h:float) -> tuple[np.ndarray, np.ndarr
     b[:, 1::2] = b[:, 1::2].clip(0, h)
     return b, (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
 
+# %% ../nbs/11_data.ipynb #c009a
+IMAGE_SIGNATURES = {b'\xff\xd8\xff': 'jpeg', b'\x89PNG\r\n\x1a\n': 'png', b'BM': 'bmp', b'GIF8': 'gif', b'RIFF': 'webp',
+                    b'II*\x00': 'tiff', b'MM\x00*': 'tiff'}
+IMAGE_ENDS = {'jpeg': b'\xff\xd9', 'png': b'IEND'}                    # found in the last KiB of a complete file
+
+@lru_cache(maxsize=None)
+def _image_problem(path:str, size:int, mtime_ns:int) -> str|None:
+    "`image_problem` of the file `path` as it is at `size` bytes and `mtime_ns`."
+    if size == 0: return 'empty'
+    with open(path, 'rb') as f:
+        head = f.read(16); f.seek(max(0, size - 1024)); tail = f.read()
+    kind = next((k for sig, k in IMAGE_SIGNATURES.items() if head.startswith(sig)), None)
+    if kind and IMAGE_ENDS.get(kind, b'') in tail: return None
+    try:
+        with Image.open(path) as im: im.load()
+    except Exception: return 'truncated' if kind else 'not an image'
+    return None
+
+def image_problem(path) -> str|None:
+    "Why the image file `path` cannot be trained on — `'empty'`, `'truncated'` or `'not an image'` — or None when it is fine."
+    st = os.stat(path)
+    return _image_problem(str(path), st.st_size, st.st_mtime_ns)
+
+
 # %% ../nbs/11_data.ipynb #c010
 def detection_dataset(classes:list, images:list, source, split:str) -> sv.DetectionDataset:
     """A lazy `sv.DetectionDataset` from `images`: `(path, width, height, xyxy [N,4], class_id [N], area [N], ref [N])`.
-    Boxes are clamped; empty boxes and missing images are dropped with a warning naming `source`."""
-    paths, annotations, dropped, missing = [], {}, [], []
+    Boxes are clamped; empty boxes, missing and unreadable images are dropped with a warning naming `source`."""
+    paths, annotations, dropped, missing, broken = [], {}, [], [], []
     for path, w, h, xyxy, cls, area, ref in images:
         if not Path(path).is_file(): missing.append(Path(path).name); continue
+        if problem := image_problem(path): broken.append(f"{Path(path).name} ({problem})"); continue
         xyxy, ok = clamp_boxes(xyxy, w, h)
         dropped += [r for r, k in zip(ref, ok) if not k]
         det = sv.Detections(xyxy=xyxy[ok], class_id=np.asarray(cls, np.int64)[ok]) if ok.any() else sv.Detections.empty()
@@ -87,6 +113,9 @@ def detection_dataset(classes:list, images:list, source, split:str) -> sv.Detect
     if missing:
         warnings.warn(f"{source}: {len(missing)} of {len(images)} images of the '{split}' split do not exist and were "
                       f"skipped ({_examples(missing)}); restore them or remove them from the annotations.")
+    if broken:
+        warnings.warn(f"{source}: {len(broken)} of {len(images)} images of the '{split}' split are empty, truncated or not "
+                      f"images and were skipped ({_examples(broken)}); replace them or remove them from the annotations.")
     if dropped:
         warnings.warn(f"{source}: {len(dropped)} boxes have no width or height once clamped to their image and were "
                       f"dropped ({_examples(dropped)}); fix or delete them in the annotations.")
@@ -490,6 +519,18 @@ class DetrDataLoaders(DataLoaders):
         self.gt_datasets, self.scales, self.resolution = gt_datasets, list(scales), resolution
         self.vocab = self.class_names = list(gt_datasets['train'].classes)
 
+def background_share(ds:sv.DetectionDataset) -> float:
+    "The fraction of the images of `ds` that have no box."
+    return sum(len(d) == 0 for d in ds.annotations.values()) / max(len(ds), 1)
+
+def check_objects(ds:sv.DetectionDataset, path):
+    "Refuse a train split `ds` without a single box; note one that is mostly background."
+    share = background_share(ds)
+    if share == 1: raise ValueError(f"The train split of {path} has no objects: none of its {len(ds)} images has a box, so "
+                                    "there is nothing to learn. Check the annotations (category ids, image file names) or export the dataset again.")
+    if share > 0.5: warnings.warn(f"{share:.0%} of the {len(ds)} training images of {path} have no boxes: the model will see few "
+                                  "objects. Background images are fine in moderation; check the annotations if you expected boxes.")
+
 def rfdetr_dls(path, bs:int=4, resolution:int=384, block:int=32, multi_scale:bool=True, expanded_scales:bool=True,
                scale_jitter:bool=True, flip_p:float=0.5, num_workers:int=0, val_bs:int|None=None, seed:int|None=None,
                device=None) -> DetrDataLoaders:
@@ -498,6 +539,7 @@ def rfdetr_dls(path, bs:int=4, resolution:int=384, block:int=32, multi_scale:boo
     gt = {s: load_dataset(path, s) for s in ('train', 'valid')}
     if len(gt['train']) < bs: raise ValueError(f"The train split of {path} has {len(gt['train'])} images, fewer than bs={bs}: "
                                                "use a smaller batch size.")
+    check_objects(gt['train'], path)
     scales = multi_scale_sizes(resolution, block, expanded_scales) if multi_scale else [resolution]
     after_batch = [IntToFloatTensor(), Normalize.from_stats(IMAGENET_MEAN, IMAGENET_STD, cuda=False)]
     dl = partial(DetrDL, num_workers=num_workers, after_batch=after_batch, device=device or default_device())

@@ -6,7 +6,8 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/learner.html.md"""
 
 # %% ../nbs/14_learner.ipynb #c002
 from __future__ import annotations
-import copy, json, math, os, random, re, tempfile, warnings
+import copy, errno, json, math, os, random, re, secrets, shutil, socket, time, warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
@@ -30,24 +31,28 @@ from fastai.torch_core import to_float, rank_distrib
 from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL, DistributedTrainer
 import torch.distributed as dist
+try: import fcntl
+except ImportError: fcntl = None          # Windows: no advisory file locks, output folders are not locked
 from fastai.vision.data import get_grid
 from .config import ModelConfig, TrainConfig, check_image_size, check_positive_int
 from .model import LWDETR, PostProcess
-from .checkpoint import read_checkpoint, resize_pos_embed
+from .checkpoint import read_checkpoint, checkpoint_args, resize_pos_embed
 from .api import RFDETR, VARIANTS, detector_class, to_detections, default_device
-from .data import rfdetr_dls, multi_scale_sizes, show_boxes
+from .data import rfdetr_dls, multi_scale_sizes, show_boxes, background_share
 from .metrics import coco_eval
 from .loss import DetrLoss
 
 # %% auto #0
-__all__ = ['FINE_TUNE', 'FROM_SCRATCH', 'ENCODER', 'DECODER', 'NO_WEIGHT_DECAY', 'PARTS', 'RESUME_ATTRS', 'DEPRECATED_TRAIN_ARGS',
-           'training_recipe', 'encoder_depth', 'param_setting', 'param_groups', 'scaled_param_groups', 'fusable',
-           'ScaledAdamW', 'GlobalStep', 'ema_decay', 'model_tensors', 'ema_update_', 'swap_weights', 'ModelEMA',
-           'MultiScaleResize', 'cpu_has_bf16', 'autocast_dtype', 'DeviceMixedPrecision', 'AccumulateGradients',
-           'COCOEvaluator', 'COCOValue', 'atomic_save', 'rng_state', 'set_rng_state', 'training_state',
-           'load_training_state', 'SaveCheckpoints', 'ResumeTraining', 'TrainingCSVLogger', 'tensorboard_callback',
-           'ImageAvgLoss', 'DetectionLearner', 'detector_for', 'set_resolution', 'rfdetr_learner', 'reference_schedule',
-           'DetrDistributedDL', 'GatherPredictions', 'DetrDistributedTrainer']
+__all__ = ['FINE_TUNE', 'FROM_SCRATCH', 'ENCODER', 'DECODER', 'NO_WEIGHT_DECAY', 'PARTS', 'LOCK_FILE', 'RUN_FILES',
+           'RESUME_ATTRS', 'DEPRECATED_TRAIN_ARGS', 'training_recipe', 'encoder_depth', 'param_setting', 'param_groups',
+           'scaled_param_groups', 'fusable', 'ScaledAdamW', 'GlobalStep', 'ema_decay', 'model_tensors', 'ema_update_',
+           'swap_weights', 'ModelEMA', 'MultiScaleResize', 'cpu_has_bf16', 'autocast_dtype', 'DeviceMixedPrecision',
+           'AccumulateGradients', 'TrainingDiverged', 'StopOnNonFinite', 'check_finite', 'COCOEvaluator', 'COCOValue',
+           'disk_full', 'atomic_save', 'output_folder', 'run_folder', 'rng_state', 'set_rng_state', 'training_state',
+           'load_training_state', 'is_main_training', 'SaveCheckpoints', 'resume_checkpoint', 'ResumeTraining',
+           'TrainingCSVLogger', 'tensorboard_callback', 'ImageAvgLoss', 'DetectionLearner', 'detector_for',
+           'set_resolution', 'rfdetr_learner', 'reference_schedule', 'DetrDistributedDL', 'GatherPredictions',
+           'DetrDistributedTrainer']
 
 # %% ../nbs/14_learner.ipynb #c007
 FINE_TUNE = {k: getattr(TrainConfig(), k) for k in ('lr', 'lr_encoder', 'lr_vit_layer_decay', 'lr_component_decay')}
@@ -58,7 +63,8 @@ def training_recipe(pretrained:bool, **given) -> dict:
     r = {**(FINE_TUNE if pretrained else FROM_SCRATCH), **{k: v for k, v in given.items() if v is not None}}
     if r['lr_encoder'] is None: r['lr_encoder'] = r['lr']
     for k, v in r.items():
-        if not (isinstance(v, (int, float)) and v > 0): raise ValueError(f"{k} must be a positive number, got {v!r}.")
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{k} must be a positive, finite number, got {v!r}.")
     return r
 
 # %% ../nbs/14_learner.ipynb #c010
@@ -211,14 +217,39 @@ class DeviceMixedPrecision(MixedPrecision):
 
 # %% ../nbs/14_learner.ipynb #c032
 class AccumulateGradients(Callback):
-    "Step the optimiser every `n` batches with their mean gradient (the reference's `grad_accum_steps`)."
+    "Step the optimiser every `n` batches with their mean gradient (the reference's `grad_accum_steps`), and at an epoch's end."
     order, run_valid = MixedPrecision.order - 4, False
     def __init__(self, n:int): check_positive_int('grad_accum_steps', n); self.n = n
-    def before_fit(self): self.count = 0
+    def before_train(self): self.count = 0
     def after_loss(self): self.learn.loss_grad = self.loss_grad / self.n
     def before_step(self):
         self.count += 1
-        if self.count % self.n: raise CancelBatchException()       # keep the gradients: no step, no zero_grad
+        if self.count % self.n and self.iter + 1 < self.n_iter: raise CancelBatchException()   # keep the gradients: no step, no zero_grad
+
+
+# %% ../nbs/14_learner.ipynb #c032c
+class TrainingDiverged(RuntimeError):
+    "Training produced NaN or infinite numbers."
+
+class StopOnNonFinite(Callback):
+    "Stop the fit with `TrainingDiverged` at the first training batch whose loss is NaN or infinite."
+    run_valid = False
+    def after_loss(self):
+        if torch.isfinite(self.loss): return
+        fp16 = getattr(getattr(self.learn, 'scaler', None), 'is_enabled', lambda: False)()
+        raise TrainingDiverged(
+            f"The training loss is {self.loss.item()} at optimiser step {getattr(self.learn, 'global_step', '?')} (epoch "
+            f"{self.epoch}, batch {self.iter}): training diverged and was stopped, so no checkpoint holds these weights. "
+            f"The usual cause is a learning rate too high for this model and data (base lr {self.opt.hypers[-1]['lr']:g}): "
+            f"lower it{', or train without fp16 (mixed_precision=False or bf16)' if fp16 else ''}; keep gradient "
+            "clipping on (clip_max_norm) and check the dataset's boxes.")
+
+def check_finite(state_dict:dict, what:str):
+    "Raise `TrainingDiverged` if a floating-point tensor of `state_dict` holds NaN or infinity (`what` names the weights)."
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad: raise TrainingDiverged(f"The {what} hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}): no "
+                                   "checkpoint was written from them; lower the learning rate and train again.")
+
 
 # %% ../nbs/14_learner.ipynb #c034
 class COCOEvaluator(Callback):
@@ -256,16 +287,59 @@ class COCOValue(Metric):
         return r[self.key] if self.key in r else r.get('per_class', {}).get(self.key, math.nan)
 
 # %% ../nbs/14_learner.ipynb #c036
+def disk_full(e:BaseException) -> bool:
+    "Whether the write error `e` means the disk (or the user's quota) is full; torch's zip writer loses the errno on the way."
+    if isinstance(e, OSError): return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ('unexpected pos', 'iostream error', 'file write failed'))
+
 def atomic_save(obj, path):
     "`torch.save` (or, for a `str`, write text) to a temporary file beside `path`, then rename it over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
+    tmp = path.with_name(f'.{path.name}.{secrets.token_hex(4)}.tmp')     # created by open(): the user's umask applies
     try:
-        if isinstance(obj, str): Path(tmp).write_text(obj)
+        if isinstance(obj, str): tmp.write_text(obj)
         else: torch.save(obj, tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not disk_full(e): raise
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(errno.ENOSPC, f"Could not write {path}: the disk is full ({free:.0f} MiB free in {path.parent}). "
+                      "Free some space or choose an output folder on another disk; the files written before are intact.") from e
+
+
+# %% ../nbs/14_learner.ipynb #c037b
+LOCK_FILE = '.run.lock'
+RUN_FILES = ('last.pth', 'checkpoint_best_regular.pth', 'checkpoint_best_ema.pth', 'checkpoint_best_total.pth',
+             'training_config.json', 'history.csv')                     # what a run writes with `atomic_save`
+
+def output_folder(path) -> Path:
+    "`path` as a writable folder for a run's files, created if missing; a clear error if it is a file or cannot be written."
+    p = Path(path)
+    if p.exists() and not p.is_dir(): raise NotADirectoryError(f"The output folder {p} is a file: choose a folder for the checkpoints.")
+    try: p.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise type(e)(e.errno, f"Could not create the output folder {p} ({e.strerror}): choose another one.") from None
+    if not os.access(p, os.W_OK | os.X_OK): raise PermissionError(f"The output folder {p} is not writable: choose another one.")
+    return p
+
+@contextmanager
+def run_folder(path):
+    "Own the output folder `path` for a training run: refuse it while another run holds it; delete killed runs' temporary files."
+    p = output_folder(path)
+    with open(p/LOCK_FILE, 'a+') as f:                                    # closing the file releases the lock
+        try:
+            if fcntl: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RuntimeError(f"{p} is in use by another training run ({f.read().strip() or 'unknown'}): two runs in one "
+                               "folder overwrite each other's checkpoints and history. Wait for it to end, or choose "
+                               "another output folder.") from None
+        f.seek(0); f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"); f.flush()
+        for name in RUN_FILES:
+            for t in p.glob(f'.{name}.*.tmp'): t.unlink(missing_ok=True)
+        yield p
+
 
 # %% ../nbs/14_learner.ipynb #c039
 RESUME_ATTRS = ('best', 'wait', 'updates')   # callback attributes that carry training progress
@@ -319,6 +393,10 @@ def load_training_state(learn:Learner, ckpt:dict):
     set_rng_state(st['rng'], learn.dls)
 
 # %% ../nbs/14_learner.ipynb #c043
+def is_main_training(learn:Learner) -> bool:
+    "Whether this fit is a real training run of the process that writes the files: not `lr_find`, not `get_preds`, rank 0."
+    return not hasattr(learn, 'lr_finder') and not hasattr(learn, 'gather_preds') and rank_distrib() == 0
+
 class SaveCheckpoints(Callback):
     "rfdetr-format checkpoints in `output_dir`: best EMA/regular/total when `monitor` improves, `last.pth` every epoch."
     order = 61
@@ -326,7 +404,7 @@ class SaveCheckpoints(Callback):
         self.detector, self.output_dir, self.monitor, self.args, self.notes = detector, Path(output_dir), monitor, args or {}, notes
 
     def before_fit(self):
-        self.run = not hasattr(self.learn, 'lr_finder') and not hasattr(self.learn, 'gather_preds') and rank_distrib() == 0
+        self.run = is_main_training(self.learn)
         self.best, self.pending, self.config_written = -math.inf, False, False
     def before_train(self):
         if not self.config_written: self.write_training_config()
@@ -357,6 +435,7 @@ class SaveCheckpoints(Callback):
         self.pending = False
         ema = getattr(self.learn, 'model_ema', None)
         ema_sd = ema.ema.state_dict() if ema is not None and ema.ema is not None else None
+        for sd, what in ((self.model.state_dict(), 'weights'), (ema_sd or {}, 'EMA weights')): check_finite(sd, f'{what} of epoch {self.epoch}')
         value = self.monitored()
         if value > self.best:
             self.best = float(value)
@@ -367,20 +446,37 @@ class SaveCheckpoints(Callback):
                         self.output_dir/'checkpoint_best_total.pth')
         atomic_save(self.payload(self.model.state_dict(), training_state=training_state(self.learn)), self.output_dir/'last.pth')
 
+
 # %% ../nbs/14_learner.ipynb #c045
+def resume_checkpoint(path, model:LWDETR) -> dict:
+    "The `last.pth` at `path`, checked to continue training `model`: a training state, the same classes, the same architecture."
+    ckpt, path = read_checkpoint(path), Path(path)
+    if 'training_state' not in ckpt:
+        raise ValueError(f"{path} holds no training state: resume from a last.pth written by rfdetr_learner "
+                         "(to start from a checkpoint's weights instead, pass it as pretrain_weights).")
+    sd, own = ckpt['model'], model.state_dict()
+    n_ckpt, n = sd['class_embed.bias'].shape[0] - 1, own['class_embed.bias'].shape[0] - 1
+    if n_ckpt != n:
+        raise ValueError(f"{path} was trained on {n_ckpt} classes but this dataset has {n}: resume with the dataset it was "
+                         f"trained on, or start a new run from its weights (pretrain_weights={str(path)!r}, or --weights).")
+    diff = [k for k in own.keys() | sd.keys() if k not in sd or k not in own or sd[k].shape != own[k].shape]
+    if diff:
+        raise ValueError(f"{path} holds another architecture than the model to train ({len(diff)} weights differ, e.g. "
+                         f"{sorted(diff)[0]}): resume with the model and resolution it was trained with.")
+    return ckpt
+
 class ResumeTraining(Callback):
     "Continue the run saved in `last.pth`: weights, EMA, optimiser, counters, best values, RNG states; done epochs skipped."
     order = 70
     def __init__(self, path): self.path = Path(path)
     def before_fit(self):
-        ckpt = read_checkpoint(self.path)
-        if 'training_state' not in ckpt:
-            raise ValueError(f"{self.path} holds no training state: resume from a last.pth written by rfdetr_learner "
-                             "(to start from a checkpoint's weights instead, pass it as pretrain_weights).")
+        ckpt = resume_checkpoint(self.path, self.model)
         if ckpt['epoch'] + 1 >= self.n_epoch:
             warnings.warn(f"{self.path} ended epoch {ckpt['epoch'] + 1} of {self.n_epoch}: there is nothing left to train.")
         load_training_state(self.learn, ckpt)
         self.start_epoch = ckpt['epoch'] + 1
+        csv = getattr(self.learn, 'training_csv_logger', None)
+        if csv is not None and csv.run: csv.keep_epochs(self.start_epoch)
     def before_epoch(self):
         if self.epoch < self.start_epoch:
             self.logger_, self.learn.logger = self.learn.logger, lambda log: None
@@ -391,12 +487,13 @@ class ResumeTraining(Callback):
             self.recorder.values.pop(); self.recorder.iters.pop()
     def after_fit(self): self.learn.remove_cb(self)
 
+
 # %% ../nbs/14_learner.ipynb #c047
 class TrainingCSVLogger(CSVLogger):
     "fastai's `CSVLogger`, opened at the first training epoch (fastai's `validate()` also runs `before_fit`)."
     order = 59
     def before_fit(self):
-        self.run = not hasattr(self.learn, 'lr_finder') and not hasattr(self.learn, 'gather_preds') and rank_distrib() == 0
+        self.run = is_main_training(self.learn)
         self.file = None
     def before_train(self):
         if self.file is not None: return
@@ -408,6 +505,13 @@ class TrainingCSVLogger(CSVLogger):
     def after_fit(self):
         if self.file is not None: super().after_fit()
 
+    def keep_epochs(self, n:int):
+        "Keep the header and the rows of epochs `0..n-1` of the history file."
+        path = self.path/self.fname
+        if not path.exists(): return
+        head, *rows = path.read_text().splitlines(keepends=True)
+        atomic_save(head + ''.join(r for r in rows if r.split(',')[0].isdigit() and int(r.split(',')[0]) < n), path)
+
 def tensorboard_callback(log_dir) -> Callback:
     "fastai's `TensorBoardCallback` writing to `log_dir`, or a clear error if `tensorboard` is not installed."
     try: from fastai.callback.tensorboard import TensorBoardCallback
@@ -415,6 +519,7 @@ def tensorboard_callback(log_dir) -> Callback:
         raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard "
                           "(or train without it: the CSV history is in output_dir/history.csv).") from e
     return TensorBoardCallback(log_dir=str(log_dir), trace_model=False)
+
 
 # %% ../nbs/14_learner.ipynb #c049
 class ImageAvgLoss(AvgLoss):
@@ -429,6 +534,10 @@ class DetectionLearner(Learner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.recorder.loss = ImageAvgLoss()
+
+    def fit(self, *args, **kwargs):
+        "fastai's `fit` (`fit_one_cycle` and `lr_find` call it), owning the output folder in the process that writes it."
+        with run_folder(self.path) if rank_distrib() == 0 else nullcontext(): return super().fit(*args, **kwargs)
 
     def predict(self, images, threshold:float=0.5, **kwargs):
         "Detections in one image or a list of images: `RFDETR.predict` with the weights being trained."
@@ -511,6 +620,26 @@ def _mixed_precision_cb(mode, device) -> Callback|None:
     else: raise ValueError(f"mixed_precision must be 'auto', 'bf16', 'fp16' or False, got {mode!r}.")
     return None if dtype is None else DeviceMixedPrecision(AMPMode.BF16 if dtype == torch.bfloat16 else AMPMode.FP16)
 
+def _check_run_numbers(dls, grad_accum_steps, **numbers):
+    "Raise unless every one of `numbers` is finite and ≥ 0, and `grad_accum_steps` fits in an epoch of `dls`."
+    for k, v in numbers.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0): raise ValueError(f"{k} must be a finite number ≥ 0, got {v!r}.")
+    check_positive_int('grad_accum_steps', grad_accum_steps)
+    if grad_accum_steps > len(dls.train):
+        raise ValueError(f"grad_accum_steps={grad_accum_steps} is more than the {len(dls.train)} training batches of an epoch, so "
+                         f"no optimiser step would gather that many: use at most {len(dls.train)}, or a smaller batch size.")
+
+def _monitor(dls, output_dir:Path, resume) -> str|None:
+    "What the best checkpoints follow ('mAP', else 'valid_loss'), after a word about an earlier run or an unscorable validation split."
+    if resume is None and (output_dir/'last.pth').exists():
+        warnings.warn(f"{output_dir} holds an earlier run (last.pth): this run replaces its checkpoints and history. To "
+                      f"continue it pass resume={str(output_dir/'last.pth')!r}; to keep it, choose another output folder.")
+    if not hasattr(dls, 'gt_datasets'): return 'valid_loss'
+    if background_share(dls.gt_datasets['valid']) < 1: return 'mAP'
+    warnings.warn("The validation split has no objects, so its mAP cannot be measured (it shows as nan): the best "
+                  "checkpoints follow the validation loss. Add annotated images to the validation split to score the model.")
+    return 'valid_loss'
+
 _TC = TrainConfig()
 
 def rfdetr_learner(dls, model='nano', pretrain_weights=None, output_dir='output', lr:float|None=None,
@@ -520,37 +649,43 @@ def rfdetr_learner(dls, model='nano', pretrain_weights=None, output_dir='output'
                    mixed_precision='auto', grad_accum_steps:int=1, early_stopping:int|None=None, tensorboard:bool=False,
                    notes=None, resume=None, cbs=None, **kwargs) -> DetectionLearner:
     "A fastai `Learner` that trains RF-DETR `model` on `dls` (from `rfdetr_dls`) with the reference's recipe."
+    output_dir = output_folder(output_dir)
     try: json.dumps(notes)
     except TypeError as e: raise TypeError(f"notes must be JSON-serialisable (text, numbers, lists, dicts): {e}") from e
+    _check_run_numbers(dls, grad_accum_steps, weight_decay=weight_decay, ema_decay=ema_decay, ema_tau=ema_tau,
+                       clip_max_norm=clip_max_norm or 0.)
     device = getattr(dls, 'device', None) or default_device()
     rf = detector_for(model, len(dls.vocab), dls.vocab, pretrain_weights, device)
     if getattr(dls, 'resolution', None) not in (None, rf.model.model.cfg.resolution): set_resolution(rf, dls.resolution)
     cfg = rf.model.model.cfg
-    recipe = training_recipe(bool(rf.model_config.pretrain_weights), lr=lr, lr_encoder=lr_encoder,
-                             lr_vit_layer_decay=lr_vit_layer_decay, lr_component_decay=lr_component_decay)
+    started = checkpoint_args(resume_checkpoint(resume, rf.model.model)) if resume else {}   # the resumed run's settings
+    pretrained = started.get('pretrained', bool(rf.model_config.pretrain_weights))
+    given = dict(lr=lr, lr_encoder=lr_encoder, lr_vit_layer_decay=lr_vit_layer_decay, lr_component_decay=lr_component_decay)
+    recipe = training_recipe(pretrained, **{k: started.get(k) if v is None else v for k, v in given.items()})
     base_lr = recipe.pop('lr')
     sizes = (getattr(dls, 'scales', None) or multi_scale_sizes(cfg.resolution, cfg.block_size)) if multi_scale else [cfg.resolution]
     for s in sizes: check_image_size('the training size', s, cfg.block_size)
-    run_args = dict(lr=base_lr, **recipe, weight_decay=weight_decay, use_ema=ema, ema_decay=ema_decay, ema_tau=ema_tau,
-                    clip_max_norm=clip_max_norm, multi_scale=multi_scale, grad_accum_steps=grad_accum_steps,
+    run_args = dict(lr=base_lr, **recipe, pretrained=pretrained, weight_decay=weight_decay, use_ema=ema, ema_decay=ema_decay,
+                    ema_tau=ema_tau, clip_max_norm=clip_max_norm, multi_scale=multi_scale, grad_accum_steps=grad_accum_steps,
                     batch_size=dls.train.bs, output_dir=str(output_dir), dataset_dir=str(getattr(dls, 'path', '')))
+    monitor = _monitor(dls, output_dir, resume)
     evaluator = COCOEvaluator(dls.gt_datasets['valid'], cfg.num_select) if hasattr(dls, 'gt_datasets') else None
-    callbacks = [GlobalStep(), MultiScaleResize(sizes), TrainingCSVLogger(append=resume is not None),
-                 SaveCheckpoints(rf, output_dir, 'mAP' if evaluator else 'valid_loss', run_args, notes),
+    callbacks = [GlobalStep(), MultiScaleResize(sizes), StopOnNonFinite(), TrainingCSVLogger(append=resume is not None),
+                 SaveCheckpoints(rf, output_dir, monitor, run_args, notes),
                  evaluator, GradientClip(clip_max_norm) if clip_max_norm else None,
                  ModelEMA(ema_decay, ema_tau) if ema else None, _mixed_precision_cb(mixed_precision, device),
                  AccumulateGradients(grad_accum_steps) if grad_accum_steps != 1 else None,
-                 EarlyStoppingCallback('mAP', np.greater, 0.001, early_stopping) if early_stopping else None,
-                 tensorboard_callback(Path(output_dir)/'tensorboard') if tensorboard else None,
+                 EarlyStoppingCallback(monitor, np.greater if monitor == 'mAP' else np.less, 0.001, early_stopping) if early_stopping else None,
+                 tensorboard_callback(output_dir/'tensorboard') if tensorboard else None,
                  ResumeTraining(resume) if resume else None]
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
     learn = DetectionLearner(dls, rf.model.model, loss_func=DetrLoss(cfg), opt_func=partial(ScaledAdamW, wd=weight_decay),
                              lr=base_lr, splitter=partial(scaled_param_groups, lr=base_lr, weight_decay=weight_decay, **recipe),
                              wd=weight_decay, moms=(0.9, 0.9, 0.9), train_bn=False, path=output_dir, model_dir='.',
                              metrics=evaluator.metrics if evaluator else None,
                              cbs=[c for c in callbacks if c is not None] + list(L(cbs)), **kwargs)
-    learn.detector = rf
+    learn.detector, learn.pretrained = rf, pretrained
     return learn
+
 
 # %% ../nbs/14_learner.ipynb #c069
 DEPRECATED_TRAIN_ARGS = ('callbacks', 'start_epoch', 'do_benchmark')
@@ -580,6 +715,7 @@ def _train(self:RFDETR, **kwargs) -> DetectionLearner:
     tc = self.get_train_config(**kwargs)
     if tc.dataset_dir is None: raise ValueError("train() needs dataset_dir=..., a COCO (Roboflow) or YOLO dataset folder.")
     if resolution is not None: set_resolution(self, resolution)
+    output_folder(tc.output_dir)                                          # before the data are read
     cfg = self.model.model.cfg
     dls = rfdetr_dls(tc.dataset_dir, bs=tc.batch_size, resolution=cfg.resolution, block=cfg.block_size,
                      multi_scale=tc.multi_scale != 'off', expanded_scales=tc.expanded_scales, scale_jitter=tc.scale_jitter,
@@ -593,7 +729,7 @@ def _train(self:RFDETR, **kwargs) -> DetectionLearner:
                            ema_decay=tc.ema_decay, ema_tau=tc.ema_tau, clip_max_norm=tc.clip_max_norm,
                            multi_scale=tc.multi_scale != 'off', grad_accum_steps=tc.grad_accum_steps, notes=notes,
                            resume=resume, **given)
-    if not self.model_config.pretrain_weights and 'lr_scheduler' not in kwargs: learn.fit_one_cycle(tc.epochs)
+    if not learn.pretrained and 'lr_scheduler' not in kwargs: learn.fit_one_cycle(tc.epochs)
     else: learn.fit(tc.epochs, cbs=reference_schedule(tc, learn.lr))
     best = Path(tc.output_dir)/'checkpoint_best_total.pth'
     if best.exists(): learn.model.load_state_dict(read_checkpoint(best)['model'])

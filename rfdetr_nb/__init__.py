@@ -1,4 +1,3 @@
-__version__ = "0.0.1"
 """What `import rfdetr_nb` gives you.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/package.html.md"""
@@ -9,14 +8,19 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/package.html.md"""
 __all__ = []
 
 # %% ../nbs/99_package.ipynb #c003
-import warnings
-with warnings.catch_warnings():
-    warnings.filterwarnings('ignore', '`torch.jit.script` is deprecated', FutureWarning)
-    import fastai.torch_basics
-from .api import (RFDETR, RFDETRNano, RFDETRSmall, RFDETRMedium, RFDETRLarge, RFDETRBase,
-                           RFDETRLargeDeprecated)
-from .tiling import predict_tiled
-from .metrics import coco_eval
-from .learner import rfdetr_learner
-from .export import OnnxPredictor, TFLitePredictor
+__version__ = "0.0.1"
+import importlib
 
+# Each public name and the module that defines it, imported when the name is first used
+_NAMES = {**dict.fromkeys(['RFDETR', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium', 'RFDETRLarge', 'RFDETRBase',
+                           'RFDETRLargeDeprecated'], 'api'),
+          'predict_tiled': 'tiling', 'coco_eval': 'metrics', 'rfdetr_learner': 'learner',
+          'OnnxPredictor': 'export', 'TFLitePredictor': 'export'}
+__all__ = list(_NAMES)
+
+def __getattr__(name):
+    "Import the module that defines `name` the first time it is asked for."
+    if name not in _NAMES: raise AttributeError(f"module 'rfdetr_nb' has no attribute {name!r}")
+    return getattr(importlib.import_module(f'rfdetr_nb.{_NAMES[name]}'), name)
+
+def __dir__(): return sorted([*globals(), *_NAMES])

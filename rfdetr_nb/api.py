@@ -6,7 +6,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/api.html.md"""
 
 # %% ../nbs/08_api.ipynb #c002
 from __future__ import annotations
-import argparse, copy, io, numbers, os, tempfile, urllib.request, warnings
+import argparse, copy, importlib, io, numbers, os, tempfile, urllib.request, warnings
 from dataclasses import fields
 from pathlib import Path
 import numpy as np
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 import supervision as sv
+from fastcore.basics import patch
 from .config import (ModelConfig, EncoderConfig, TrainConfig, config_with, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
                               RFDETRBaseConfig, RFDETRLargeDeprecatedConfig, check_image_size, check_positive_int, tiny_config)
 from .model import LWDETR, PostProcess
@@ -21,10 +22,10 @@ from .checkpoint import load_weights, read_checkpoint, checkpoint_args, checkpoi
 from .weights import maybe_download_pretrained
 
 # %% auto #0
-__all__ = ['COCO_CLASSES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium', 'RFDETRLarge',
-           'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map', 'load_image', 'to_tensor01',
-           'preprocess', 'check_shape', 'Model', 'default_device', 'RFDETR', 'detector_class', 'class_name',
-           'to_detections', 'source_array', 'check_threshold', 'images_to_batch', 'outputs_to_detections',
+__all__ = ['COCO_CLASSES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'METHODS_ELSEWHERE', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium',
+           'RFDETRLarge', 'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map', 'load_image',
+           'to_tensor01', 'preprocess', 'check_shape', 'Model', 'default_device', 'RFDETR', 'detector_class',
+           'class_name', 'to_detections', 'source_array', 'check_threshold', 'images_to_batch', 'outputs_to_detections',
            'tiny_detector', 'resolve_dtype', 'infer_variant', 'config_kwargs']
 
 # %% ../nbs/08_api.ipynb #c005
@@ -117,6 +118,9 @@ class Model:
 # %% ../nbs/08_api.ipynb #c017
 def default_device() -> str: return 'cuda' if torch.cuda.is_available() else 'cpu'
 
+# Methods that later chapters add to `RFDETR` with `@patch`, and the module of each: loaded on first use
+METHODS_ELSEWHERE = {'evaluate': 'rfdetr_nb.metrics', 'train': 'rfdetr_nb.learner', 'export': 'rfdetr_nb.export'}
+
 class RFDETR:
     "An RF-DETR detector: `RFDETR(config_class=..., **config)` or one of the variant classes."
     size, config_class = None, ModelConfig
@@ -130,6 +134,12 @@ class RFDETR:
         kwargs.setdefault('device', default_device())
         kwargs.setdefault('pretrain_weights', getattr(self.config_class, 'pretrained_file', None))
         return config_with(self.config_class, **kwargs)
+
+    def __getattr__(self, name):
+        "`evaluate`, `train` and `export` import their chapter's module (which adds them) the first time they are used."
+        if name not in METHODS_ELSEWHERE: raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        importlib.import_module(METHODS_ELSEWHERE[name])
+        return object.__getattribute__(self, name)
 
     @property
     def class_id_names(self) -> dict[int, str]:
@@ -201,8 +211,9 @@ def outputs_to_detections(outputs:dict, tensors:list[torch.Tensor], postprocess:
     return [to_detections(r, names, threshold, source_array(t) if include_source_image else None)
             for r, t in zip(postprocess(outputs, sizes), tensors)]
 
+@patch
 @torch.inference_mode()
-def _predict(self:RFDETR, images, threshold:float=0.5, shape=None, patch_size=None, include_source_image=True, **kwargs):
+def predict(self:RFDETR, images, threshold:float=0.5, shape=None, patch_size=None, include_source_image=True, **kwargs):
     "Detect objects in one image or a list of images (paths, URLs, PIL, arrays, tensors)."
     if kwargs: raise TypeError(f"predict() got unexpected arguments {sorted(kwargs)}.")
     check_threshold(threshold)
@@ -215,8 +226,6 @@ def _predict(self:RFDETR, images, threshold:float=0.5, shape=None, patch_size=No
     outputs = self._run_optimized(batch) if m.inference_model is not None else m.model(batch)
     dets = outputs_to_detections(outputs, tensors, m.postprocess, self.class_id_names, threshold, include_source_image)
     return dets[0] if single else dets
-
-RFDETR.predict = _predict
 
 # %% ../nbs/08_api.ipynb #c023
 def tiny_detector(**overrides) -> RFDETR:
@@ -238,7 +247,8 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise TypeError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16 (or their names), got {dtype!r}.")
 
 # %% ../nbs/08_api.ipynb #c028
-def _optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dtype=torch.float32):
+@patch
+def optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dtype=torch.float32):
     "Build `rf.model.inference_model`: an export-mode copy in `dtype`, traced for `batch_size` if `compile`."
     dtype = resolve_dtype(dtype)
     check_positive_int('batch_size', batch_size)
@@ -248,15 +258,17 @@ def _optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dt
     if compile:
         x = torch.randn(batch_size, 3, m.resolution, m.resolution, device=m.device, dtype=dtype)
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore')                 # TorchScript's tracer warnings about Python values
+            warnings.simplefilter('ignore', torch.jit.TracerWarning)   # the tracer's notes about Python values
             net = torch.jit.trace(net, x)
     m.inference_model, m.optimized = net, dict(compile=compile, batch_size=batch_size, dtype=dtype)
     return self
 
-def _remove_optimized_model(self:RFDETR):
+@patch
+def remove_optimized_model(self:RFDETR):
     "Drop the optimised copy; `predict` uses the eager model again."
     self.model.inference_model, self.model.optimized = None, None
 
+@patch
 def _run_optimized(self:RFDETR, batch:torch.Tensor) -> dict:
     "Run the optimised copy on a normalised batch, after checking it fits what was traced."
     m, opt = self.model, self.model.optimized
@@ -269,9 +281,10 @@ def _run_optimized(self:RFDETR, batch:torch.Tensor) -> dict:
     boxes, logits = m.inference_model(batch.to(opt['dtype']))
     return {'pred_boxes': boxes.float(), 'pred_logits': logits.float()}
 
-RFDETR.optimize_for_inference = RFDETR.inference = _optimize_for_inference   # `inference` is rfdetr 1.11's name
-RFDETR.remove_optimized_model = _remove_optimized_model
-RFDETR._run_optimized = _run_optimized
+@patch
+def inference(self:RFDETR, *args, **kwargs):
+    "rfdetr 1.11's name for `optimize_for_inference`."
+    return self.optimize_for_inference(*args, **kwargs)
 
 # %% ../nbs/08_api.ipynb #c034
 def infer_variant(ckpt:dict, args:dict, path) -> type:
@@ -293,7 +306,8 @@ def config_kwargs(model_config:dict) -> dict:
     if isinstance(kw.get('encoder'), dict): kw['encoder'] = EncoderConfig(**kw['encoder'])
     return kw
 
-def _from_checkpoint(cls, path, **kwargs) -> RFDETR:
+@patch(cls_method=True)
+def from_checkpoint(cls:RFDETR, path, **kwargs) -> RFDETR:
     "A detector built from checkpoint `path` (class, classes and resolution read from the file unless given)."
     ckpt = read_checkpoint(path)
     args, sd = checkpoint_args(ckpt), checkpoint_state_dict(ckpt)
@@ -305,39 +319,40 @@ def _from_checkpoint(cls, path, **kwargs) -> RFDETR:
     if args.get('resolution'): kwargs.setdefault('resolution', args['resolution'])
     return target(pretrain_weights=str(path), **kwargs)
 
-RFDETR.from_checkpoint = classmethod(_from_checkpoint)
-
 # %% ../nbs/08_api.ipynb #c036
+@patch
 def _checkpoint_payload(self:RFDETR) -> dict:
     "The model's weights with everything needed to rebuild it (class names and architecture included)."
     cfg = self.model.model.cfg
     args = {**cfg.to_dict(), 'class_names': self.class_names}
     return {'model': self.model.model.state_dict(), 'args': args, 'model_name': type(self).__name__, 'model_config': cfg.to_dict()}
 
-def _export_for_roboflow(self:RFDETR, output_dir) -> Path:
+@patch
+def export_for_roboflow(self:RFDETR, output_dir) -> Path:
     "Write `weights.pt` and `class_names.txt` to `output_dir`; returns the folder."
     out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
     torch.save(self._checkpoint_payload(), out / 'weights.pt')
     (out / 'class_names.txt').write_text('\n'.join(self.class_names) + '\n')
     return out
 
-RFDETR._checkpoint_payload = _checkpoint_payload
-RFDETR.export_for_roboflow = _export_for_roboflow
-
 # %% ../nbs/08_api.ipynb #c039
-def _get_model(self:RFDETR, config:ModelConfig) -> Model:
+@patch
+def get_model(self:RFDETR, config:ModelConfig) -> Model:
     "A `Model` holder for `config` (weights loaded from `config.pretrain_weights`)."
     return Model(config, config.device)
 
-def _get_train_config(self:RFDETR, **kwargs) -> TrainConfig:
+@patch
+def get_train_config(self:RFDETR, **kwargs) -> TrainConfig:
     "Training hyper-parameters for this detector."
     return TrainConfig(**kwargs)
 
-def _maybe_download_pretrain_weights(self:RFDETR):
+@patch
+def maybe_download_pretrain_weights(self:RFDETR):
     "Download the configured official weights into the cache if they are missing."
     if self.model_config.pretrain_weights: return maybe_download_pretrained(self.model_config.pretrain_weights)
 
-def _deploy_to_roboflow(self:RFDETR, workspace:str, project_id:str, version, api_key:str|None=None, size:str|None=None):
+@patch
+def deploy_to_roboflow(self:RFDETR, workspace:str, project_id:str, version, api_key:str|None=None, size:str|None=None):
     "Upload this model's weights to a Roboflow project version (needs `pip install roboflow` and an API key)."
     for n, v in (('workspace', workspace), ('project_id', project_id)):
         if not isinstance(v, str) or not v.strip(): raise ValueError(f"{n} must be a non-empty string, got {v!r}.")
@@ -351,8 +366,3 @@ def _deploy_to_roboflow(self:RFDETR, workspace:str, project_id:str, version, api
         self.export_for_roboflow(d)
         project = roboflow.Roboflow(api_key=api_key).workspace(workspace).project(project_id)
         return project.version(int(version)).deploy(model_type=size or self.size, model_path=d, filename='weights.pt')
-
-RFDETR.get_model = _get_model
-RFDETR.get_train_config = _get_train_config
-RFDETR.maybe_download_pretrain_weights = _maybe_download_pretrain_weights
-RFDETR.deploy_to_roboflow = _deploy_to_roboflow

@@ -22,11 +22,12 @@ from .checkpoint import load_weights, read_checkpoint, checkpoint_args, checkpoi
 from .weights import maybe_download_pretrained
 
 # %% auto #0
-__all__ = ['COCO_CLASSES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'METHODS_ELSEWHERE', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium',
-           'RFDETRLarge', 'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map', 'load_image',
-           'to_tensor01', 'preprocess', 'check_shape', 'Model', 'default_device', 'RFDETR', 'detector_class',
-           'class_name', 'to_detections', 'source_array', 'check_threshold', 'images_to_batch', 'outputs_to_detections',
-           'tiny_detector', 'resolve_dtype', 'infer_variant', 'config_kwargs']
+__all__ = ['COCO_CLASSES', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'METHODS_ELSEWHERE', 'RFDETRNano', 'RFDETRSmall',
+           'RFDETRMedium', 'RFDETRLarge', 'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map',
+           'load_image', 'folder_images', 'to_tensor01', 'preprocess', 'check_shape', 'Model', 'default_device',
+           'RFDETR', 'detector_class', 'class_name', 'to_detections', 'source_array', 'check_threshold',
+           'images_to_batch', 'outputs_to_detections', 'tiny_detector', 'resolve_dtype', 'infer_variant',
+           'config_kwargs']
 
 # %% ../nbs/08_api.ipynb #c005
 COCO_CLASSES = dict(enumerate("""person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant
@@ -61,6 +62,12 @@ def load_image(src, timeout:float=10.) -> Image.Image:
     elif not Path(s).is_file(): raise FileNotFoundError(f"Image file {s} does not exist.")
     try: return Image.open(src).convert('RGB')
     except OSError as e: raise ValueError(f"Could not read {s} as an image: {e}") from e
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+
+def folder_images(folder) -> list[Path]:
+    "The image files directly in `folder` (by extension), sorted by name."
+    return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 def to_tensor01(img) -> torch.Tensor:
     "One image (path, URL, PIL, HWC array, CHW tensor) → float tensor `[3,H,W]` in [0,1]."

@@ -17,11 +17,11 @@ import torch
 import ipywidgets as widgets
 from PIL import Image, ImageDraw
 import supervision as sv
-from .api import load_image, to_tensor01, preprocess, source_array, class_name
+from .api import load_image, to_tensor01, preprocess, source_array, class_name, folder_images, IMAGE_EXTENSIONS
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'class_names_of', 'text_colours', 'annotate', 'filter_detections', 'detections_table',
-           'folder_images', 'image_sources', 'as_pil', 'png_bytes', 'DetectionViewer', 'captured_inputs', 'Attention',
+__all__ = ['NO_DETECTIONS', 'class_names_of', 'text_colours', 'annotate', 'filter_detections', 'detections_table',
+           'image_sources', 'as_pil', 'png_bytes', 'DetectionViewer', 'captured_inputs', 'Attention',
            'attention_points', 'zoom_window', 'draw_attention']
 
 # %% ../nbs/09_viz.ipynb #c005
@@ -65,12 +65,6 @@ def detections_table(det:sv.Detections) -> pd.DataFrame:
                          'x0': x0, 'y0': y0, 'x1': x1, 'y1': y1})
 
 # %% ../nbs/09_viz.ipynb #c014
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
-
-def folder_images(folder) -> list[Path]:
-    "The image files directly in `folder` (by extension), sorted by name."
-    return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-
 def image_sources(images) -> list:
     "A folder, one image or a list of images → the list of images to show."
     if isinstance(images, (str, Path)) and Path(images).is_dir():
@@ -108,7 +102,7 @@ class DetectionViewer:
         self.classes = widgets.VBox(layout=widgets.Layout(max_height='180px', overflow='auto'))
         self.show_boxes = widgets.Checkbox(value=True, description='boxes')
         self.show_labels = widgets.Checkbox(value=True, description='labels')
-        self.image = widgets.Image(format='png', width=width)
+        self.image = widgets.Image(format='png', layout=widgets.Layout(max_width=f'{width}px'))   # never upscaled
         self.table = widgets.HTML(layout=widgets.Layout(max_height='320px', overflow='auto'))
         self.prev_button.on_click(lambda _: self.prev())
         self.next_button.on_click(lambda _: self.next())
@@ -122,12 +116,9 @@ class DetectionViewer:
             self.image, self.table])
         self._load()
 
-    def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
-    def _ipython_display_(self):
-        "Show the live widget, then a static snapshot for notebooks and docs seen without a kernel."
-        from IPython.display import display, Markdown
-        display(self.widget)
-        display(Markdown('*Static snapshot of the viewer (what a saved notebook shows without its kernel):*'), self.snapshot())
+    def _repr_mimebundle_(self, **kwargs):
+        "The live widget, with a PNG snapshot of the current view for pages that cannot run it (saved notebooks, docs)."
+        return {**self.widget._repr_mimebundle_(**kwargs), 'image/png': png_bytes(self.snapshot())}
     def _changed(self, change):
         if not self._syncing: self.refresh()
 
@@ -203,12 +194,15 @@ def render(self:DetectionViewer) -> Image.Image:
     return annotate(self.current_image, self.current_detections, boxes=self.show_boxes.value, labels=self.show_labels.value)
 
 @patch
-def snapshot(self:DetectionViewer, width:int=480) -> Image.Image:
-    "A static copy of the current view (the annotated image), `width` pixels wide."
-    img = self.render()
+def snapshot(self:DetectionViewer, width:int|None=None) -> Image.Image:
+    "A static copy of the current view (the annotated image), at most `width` (default: the viewer's) pixels wide."
+    img, width = self.render(), width or int(self.image.layout.max_width.removesuffix('px'))
+    if img.width <= width: return img
     return img.resize((width, max(1, round(img.height * width / img.width))), Image.BILINEAR)
 
 # %% ../nbs/09_viz.ipynb #c023
+NO_DETECTIONS = 'no detections at this threshold (or of the selected classes)'
+
 @patch
 def _sync_classes(self:DetectionViewer):
     "One checkbox per class above the threshold (with its count) or selected, ticked when shown."
@@ -221,7 +215,7 @@ def _sync_classes(self:DetectionViewer):
                               indent=False)
         cb.observe(lambda change, n=n: self.toggle_class(n), 'value')
         boxes.append(cb)
-    self.classes.children = boxes
+    self.classes.children = boxes or [widgets.HTML(f'<i>{NO_DETECTIONS}</i>')]
 
 @patch
 def refresh(self:DetectionViewer):
@@ -229,7 +223,8 @@ def refresh(self:DetectionViewer):
     self._sync_classes()
     det, src = self.current_detections, self.sources[self._index]
     self.image.value = png_bytes(self.render())
-    self.table.value = detections_table(det).to_html(index=False, float_format='{:.3f}'.format)
+    self.table.value = detections_table(det).to_html(index=False, float_format='{:.1f}'.format) if len(det) else \
+                       f'<i>{NO_DETECTIONS}</i>' 
     name = Path(src).name if isinstance(src, (str, Path)) else f'image {self._index}'
     self.position.value = f'{self._index + 1} / {len(self.sources)} · {name} · {len(det)} of {len(self.all_detections)} detections'
     self.prev_button.disabled, self.next_button.disabled = self._index == 0, self._index + 1 == len(self.sources)

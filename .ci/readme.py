@@ -1,5 +1,5 @@
 """Write README.md from nbs/index.ipynb (what `nbdev-readme` does with Quarto, which these machines cannot install)."""
-import json
+import json, re
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
@@ -13,4 +13,5 @@ for c in cells:
         if lines: parts.append('```python\n' + '\n'.join(lines) + '\n```')
 readme = '\n\n'.join(parts) + '\n'
 readme = readme.replace('\n> ', '\n', 1) if readme.startswith('# ') else readme
+readme = re.sub(r'\]\((\w+\.ipynb)\)', r'](nbs/\1)', readme)     # links between notebooks, from the repository root
 (root / 'README.md').write_text('<!-- Generated from nbs/index.ipynb by .ci/readme.py (or nbdev-readme); do not edit. -->\n\n' + readme)

@@ -34,8 +34,8 @@ __all__ = ['EXPORT_FORMATS', 'QUANTIZATIONS', 'OPSETS', 'QUANTIZED_OPS', 'TFLITE
            'check_export_args', 'export_metadata', 'decode_metadata', 'read_metadata', 'output_names', 'write_onnx',
            'calibration_inputs', 'weight_nodes', 'quiet_logging', 'int8_path', 'quantize_onnx', 'sample_input',
            'export_path', 'onnx_session', 'max_abs_errors', 'ExportedPredictor', 'OnnxPredictor', 'tflite_paths',
-           'quiet_converter', 'tflite_converter', 'tflite_runner', 'run_tflite', 'convert_float', 'quantize_tflite',
-           'export_tflite', 'TFLitePredictor', 'export_accuracy']
+           'quiet_converter', 'tflite_converter', 'tflite_runner', 'run_tflite', 'fold_static', 'convert_float',
+           'quantize_tflite', 'export_tflite', 'TFLitePredictor', 'export_accuracy']
 
 # %% ../nbs/15_export.ipynb #c005
 class BackboneFeatures(nn.Module):
@@ -318,13 +318,13 @@ def quiet_converter(log=os.devnull):
             for fd in saved: os.close(fd)
 
 def tflite_converter():
-    "onnx2tf, onnx-simplifier and TensorFlow, imported on first use (heavy, optional), or an `ImportError` saying what to install."
+    "onnx2tf and TensorFlow, imported on first use (heavy, optional), or an `ImportError` saying what to install."
     try:
         with quiet_converter():                                    # TensorFlow's start-up messages
-            import onnx2tf, onnxsim, tensorflow as tf
+            import onnx2tf, tensorflow as tf
             import ai_edge_litert.interpreter                       # checked now, not after a slow conversion
     except ImportError as e: raise _missing_extra(e) from e
-    return onnx2tf, onnxsim, tf
+    return onnx2tf, tf
 
 def tflite_runner(path, threads:int|None=None):
     "A function giving the outputs by name of the TFLite file `path` (LiteRT interpreter) on a normalised batch `x` `[B,3,H,W]`."
@@ -339,13 +339,24 @@ def run_tflite(path, x:np.ndarray, threads:int|None=None) -> dict[str, np.ndarra
     with quiet_converter(): return tflite_runner(path, threads)(x)
 
 # %% ../nbs/15_export.ipynb #c062
+def fold_static(model:onnx.ModelProto, max_rounds:int=4) -> onnx.ModelProto:
+    "`model` with its shape arithmetic and constant subgraphs folded to constants (onnx-graphsurgeon, until nothing changes)."
+    try: import onnx_graphsurgeon as gs
+    except ImportError as e: raise _missing_extra(e) from e
+    for _ in range(max_rounds):                                      # a folded shape can make the next one static
+        n = len(model.graph.node)
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+        model = gs.export_onnx(graph.fold_constants().cleanup().toposort())
+        if len(model.graph.node) == n: break
+    return model
+
 def convert_float(model:onnx.ModelProto, folder) -> Path:
     "Convert the ONNX `model` with onnx2tf: a TensorFlow SavedModel and `model_float32`/`model_float16.tflite` in `folder/tf`."
-    onnx2tf, onnxsim, _ = tflite_converter()
+    onnx2tf, _ = tflite_converter()
     src, out, log = Path(folder) / 'model.onnx', Path(folder) / 'tf', Path(folder) / 'onnx2tf.log'
-    onnx.save(onnxsim.simplify(model)[0], str(src))                  # fold the static graph's shape arithmetic
     try:
         with quiet_converter(log):
+            onnx.save(fold_static(model), str(src))                  # onnx2tf's own onnxsim run is off (not_use_onnxsim)
             onnx2tf.convert(input_onnx_file_path=str(src), output_folder_path=str(out), tflite_backend='tf_converter',
                             not_use_onnxsim=True, copy_onnx_input_output_names_to_tflite=True, output_signaturedefs=True,
                             non_verbose=True)
@@ -355,7 +366,7 @@ def convert_float(model:onnx.ModelProto, folder) -> Path:
 
 def quantize_tflite(saved_model, calibration:np.ndarray, out, output_names:list[str]) -> Path:
     "An int8 TFLite file `out` from onnx2tf's SavedModel, activation ranges calibrated on the inputs `calibration` `[N,3,H,W]`."
-    _, _, tf = tflite_converter()
+    _, tf = tflite_converter()
     model = tf.saved_model.load(str(saved_model))
     sig = model.signatures['serving_default']
     spec = sig.structured_input_signature[1]['input']

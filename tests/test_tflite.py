@@ -3,8 +3,12 @@ onnx2tf and run in the LiteRT interpreter — float32 and float16 against ONNX R
 
 Why a fitted model: with random weights the encoder's proposal scores are near ties, so int8's rounding picks other
 proposals and no detection is stable (see the export notebook). Fitted for 300 steps to two shapes, the model's
-detections are confident and far apart in score from the rest, so a faithful int8 file must keep them."""
-import warnings
+detections are confident and far apart in score from the rest, so a faithful int8 file must keep them.
+
+The conversion must not depend on the `onnxsim` module, which is onnx2tf's `onnxsim-prebuilt` or the `onnxsim` 0.8
+that `rfdetr[onnx]` installs (the dev extra has both): the fixture converts with `onnxsim` unimportable."""
+import sys, warnings
+from unittest import mock
 import numpy as np
 import pytest
 import torch
@@ -49,7 +53,9 @@ def exported(fitted, tmp_path_factory):
     rng = np.random.default_rng(0)
     cal = np.clip(scene()[None] / 255 + rng.normal(0, .05, (8, SIZE, SIZE, 3)), 0, 1).astype(np.float32)
     d = tmp_path_factory.mktemp('tflite')
-    int8 = rf.export(d, format='tflite', quantization='int8', calibration_data=cal, verbose=False)
+    with pytest.MonkeyPatch.context() as mp:                         # whichever onnxsim is installed, none is used
+        mp.setitem(sys.modules, 'onnxsim', None)                     # (only this key is restored: TensorFlow stays imported)
+        int8 = rf.export(d, format='tflite', quantization='int8', calibration_data=cal, verbose=False)
     onnx_path = d / 'inference_model.onnx'
     want = dict(zip(['dets', 'labels'], onnx_session(onnx_path).run(None, {'input': x})))
     return int8, tflite_paths(onnx_path), x, want
@@ -101,7 +107,6 @@ def test_tflite_predictor_matches_onnx_predictor(exported):
 
 def test_cli_exports_tflite(fitted, tmp_path, capsys):
     "`rfdetr-nb export --format tflite --quantization int8 --calibration DIR` writes the ONNX file and the three TFLite files."
-    from unittest import mock
     from rfdetr_nb import cli
     rf, _ = fitted
     (tmp_path / 'cal').mkdir()

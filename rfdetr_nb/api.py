@@ -266,6 +266,8 @@ def optimize_for_inference(self:RFDETR, compile:bool=True, batch_size:int=1, dty
         x = torch.randn(batch_size, 3, m.resolution, m.resolution, device=m.device, dtype=dtype)
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore', torch.jit.TracerWarning)   # the tracer's notes about Python values
+            # PyTorch 2.14 deprecates TorchScript; tracing is still what rfdetr's `compile=True` means (see the notes)
+            warnings.filterwarnings('ignore', r'`torch\.jit\.trace(_method)?` is deprecated', FutureWarning)
             net = torch.jit.trace(net, x)
     m.inference_model, m.optimized = net, dict(compile=compile, batch_size=batch_size, dtype=dtype)
     return self

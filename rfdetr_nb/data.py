@@ -17,14 +17,15 @@ import yaml
 import supervision as sv
 from PIL import Image
 from torchvision.ops import box_convert
-from fastai.data.core import TfmdDL, DataLoaders
-from fastai.data.transforms import IntToFloatTensor, Normalize
-from fastai.torch_core import TensorImage, default_device
-from fastai.vision.core import TensorBBox, show_image
-from fastai.vision.data import get_grid
+with warnings.catch_warnings():   # fastai's layers call torch.jit.script, which PyTorch 2.14 deprecates: not ours to fix
+    warnings.filterwarnings('ignore', '`torch.jit.script` is deprecated', FutureWarning)
+    from fastai.data.core import TfmdDL, DataLoaders
+    from fastai.data.transforms import IntToFloatTensor, Normalize
+    from fastai.torch_core import TensorImage, default_device
+    from fastai.vision.core import TensorBBox, show_image
+    from fastai.vision.data import get_grid
 from .config import check_image_size, check_positive_int
-from .api import IMAGENET_MEAN, IMAGENET_STD
-from .viz import folder_images
+from .api import IMAGENET_MEAN, IMAGENET_STD, folder_images
 
 # %% auto #0
 __all__ = ['SPLITS', 'COCO_JSON', 'IMAGE_SIGNATURES', 'IMAGE_ENDS', 'SHAPE_CLASSES', 'CROP_SHORT_SIDES', 'CROP_MIN_SIDE',

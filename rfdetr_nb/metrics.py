@@ -15,38 +15,51 @@ import supervision as sv
 from fastcore.basics import patch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 from .config import check_positive_int
 from .api import RFDETR, check_threshold, load_image
 from .data import load_dataset
 
 # %% auto #0
-__all__ = ['coco_annotations', 'coco_index', 'Evaluation', 'class_ap', 'coco_eval', 'evaluate', 'check_class_names',
-           'per_class_table', 'plot_pr_curves', 'confusion_matrix', 'plot_confusion_matrix']
+__all__ = ['IOU_TYPES', 'rle', 'coco_annotations', 'coco_index', 'Evaluation', 'class_ap', 'coco_eval', 'has_masks', 'evaluate',
+           'check_class_names', 'per_class_table', 'plot_pr_curves', 'confusion_matrix', 'plot_confusion_matrix']
 
 # %% ../nbs/12_metrics.ipynb #c006
-def _check_detections(dets, what:str, scored:bool) -> sv.Detections:
-    "`dets` if it is an `sv.Detections` with class ids (and scores if `scored`), else a clear error."
+def _check_detections(dets, what:str, scored:bool, masks:bool=False) -> sv.Detections:
+    "`dets` if it is an `sv.Detections` with class ids (scores if `scored`, masks if `masks`), else a clear error."
     if not isinstance(dets, sv.Detections):
         raise TypeError(f"{what} is a {type(dets).__name__}; expected an sv.Detections.")
     if len(dets) and dets.class_id is None: raise ValueError(f"{what} has no class_id.")
     if scored and len(dets) and dets.confidence is None:
         raise ValueError(f"{what} has no confidence: AP ranks detections by score, so predict with scores "
                          "(and no threshold: threshold=0.0).")
+    if masks and len(dets) and dets.mask is None:
+        raise ValueError(f"{what} has no masks: mask AP (iou_type='segm') needs a segmentation model's predictions "
+                         "and a dataset read with its masks; use iou_type='bbox' for boxes alone.")
     return dets
 
-def coco_annotations(dets:list[sv.Detections], num_classes:int, scored:bool=False) -> list[dict]:
-    "COCO annotation dicts of `dets` (one `sv.Detections` per image): ids from 1, xywh boxes, `data['area']` or box areas."
+def rle(mask:np.ndarray) -> dict:
+    "A boolean mask `[H,W]` as COCO's compressed run-length encoding (`counts` as text, JSON-ready)."
+    r = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {'size': r['size'], 'counts': r['counts'].decode()}
+
+def coco_annotations(dets:list[sv.Detections], num_classes:int, scored:bool=False, masks:bool=False) -> list[dict]:
+    "COCO annotation dicts of `dets` (one `sv.Detections` per image): ids from 1, xywh boxes (and RLE masks if `masks`)."
     anns = []
     for image_id, d in enumerate(dets):
         if not len(d): continue
         keep = (d.class_id >= 0) & (d.class_id < num_classes)
         xywh = d.xyxy[keep].astype(float)
         xywh[:, 2:] -= xywh[:, :2]
-        areas = d.data['area'][keep] if 'area' in d.data else xywh[:, 2] * xywh[:, 3]
-        for box, cls, area, score in zip(xywh.tolist(), d.class_id[keep].tolist(), areas.tolist(),
-                                         d.confidence[keep].tolist() if scored else [None] * len(xywh)):
+        segs = [rle(m) for m in d.mask[keep]] if masks else [None] * len(xywh)
+        # the area COCO sizes objects by: the dataset's own, else the mask's (masks) or the box's
+        areas = d.data['area'][keep].tolist() if 'area' in d.data and not scored else \
+                [float(mask_utils.area(s)) for s in segs] if masks else (xywh[:, 2] * xywh[:, 3]).tolist()
+        for box, cls, area, seg, score in zip(xywh.tolist(), d.class_id[keep].tolist(), areas, segs,
+                                              d.confidence[keep].tolist() if scored else [None] * len(xywh)):
             ann = {'id': len(anns) + 1, 'image_id': image_id, 'category_id': cls, 'bbox': box, 'area': area, 'iscrowd': 0}
+            if masks: ann['segmentation'] = seg
             if scored: ann['score'] = score
             anns.append(ann)
     return anns
@@ -54,17 +67,20 @@ def coco_annotations(dets:list[sv.Detections], num_classes:int, scored:bool=Fals
 def coco_index(classes:list[str], n_images:int, anns:list[dict]) -> COCO:
     "A pycocotools `COCO` object holding `anns` for images `0…n_images-1`, built in memory."
     coco = COCO()
-    coco.dataset = {'images': [{'id': i} for i in range(n_images)], 'annotations': anns,
+    sizes = {a['image_id']: a['segmentation']['size'] for a in anns if 'segmentation' in a}    # masks: pycocotools asks
+    images = [{'id': i} | (dict(zip(('height', 'width'), sizes[i])) if i in sizes else {}) for i in range(n_images)]
+    coco.dataset = {'images': images, 'annotations': anns,
                     'categories': [{'id': i, 'name': n} for i, n in enumerate(classes)]}
     with contextlib.redirect_stdout(io.StringIO()): coco.createIndex()   # it prints "creating index..."
     return coco
 
 # %% ../nbs/12_metrics.ipynb #c014
 class Evaluation(dict):
-    "`coco_eval`'s metrics (a dict) that also keep the `dataset`, the `predictions` and pycocotools' `cocoeval`."
-    def __init__(self, metrics:dict, dataset:sv.DetectionDataset, predictions:list, cocoeval:COCOeval):
+    "`coco_eval`'s metrics (a dict) that also keep the `dataset`, the `predictions`, pycocotools' `cocoeval` (and `segm`)."
+    def __init__(self, metrics:dict, dataset:sv.DetectionDataset, predictions:list, cocoeval:COCOeval, segm=None):
         super().__init__(metrics)
-        self.dataset, self.predictions, self.cocoeval = dataset, predictions, cocoeval
+        self.dataset, self.predictions, self.cocoeval, self.segm = dataset, predictions, cocoeval, segm
+        self.iou_type = cocoeval.params.iouType
     def __repr__(self):
         "The metrics rounded to 4 decimals (the values themselves are pycocotools' unrounded ones)."
         r4 = lambda v: {k: r4(x) for k, x in v.items()} if isinstance(v, dict) else round(v, 4)
@@ -81,16 +97,24 @@ def class_ap(precision:np.ndarray) -> np.ndarray:
 # %% ../nbs/12_metrics.ipynb #c015
 _STATS = ('map', 'map50', 'map75', 'map_small', 'map_medium', 'map_large', None, None, 'mar_100')   # COCOeval.stats order
 
-def coco_eval(dataset:sv.DetectionDataset, predictions:list[sv.Detections], verbose:bool=False) -> Evaluation:
-    "COCO box metrics (pycocotools) of `predictions` — one `sv.Detections` per image, in order — against `dataset`."
+IOU_TYPES = ('bbox', 'segm')
+
+def coco_eval(dataset:sv.DetectionDataset, predictions:list[sv.Detections], iou_type='bbox', verbose:bool=False) -> Evaluation:
+    "COCO metrics (pycocotools) of `predictions` — one `sv.Detections` per image, in order — against `dataset`: boxes, masks or both."
+    if isinstance(iou_type, (list, tuple)) and sorted(iou_type) == list(IOU_TYPES):   # boxes, with the mask metrics as mask_*
+        box, segm = (coco_eval(dataset, predictions, t, verbose) for t in IOU_TYPES)
+        return Evaluation({**box, **{f'mask_{k}': v for k, v in segm.items()}}, dataset, predictions, box.cocoeval, segm)
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type must be 'bbox', 'segm' or ('bbox', 'segm'), got {iou_type!r}.")
+    masks = iou_type == 'segm'
     if len(predictions) != len(dataset):
         raise ValueError(f"Got {len(predictions)} predictions for {len(dataset)} images: give one sv.Detections per "
                          "image, in the dataset's order (an empty one for an image without detections).")
-    gts = [_check_detections(dataset.annotations[p], f"The ground truth of {p}", False) for p in dataset.image_paths]
-    preds = [_check_detections(d, f"predictions[{i}]", True) for i, d in enumerate(predictions)]
+    gts = [_check_detections(dataset.annotations[p], f"The ground truth of {p}", False, masks) for p in dataset.image_paths]
+    preds = [_check_detections(d, f"predictions[{i}]", True, masks) for i, d in enumerate(predictions)]
     classes, n = list(dataset.classes), len(gts)
-    e = COCOeval(coco_index(classes, n, coco_annotations(gts, len(classes))),
-                 coco_index(classes, n, coco_annotations(preds, len(classes), scored=True)), 'bbox')
+    e = COCOeval(coco_index(classes, n, coco_annotations(gts, len(classes), masks=masks)),
+                 coco_index(classes, n, coco_annotations(preds, len(classes), scored=True, masks=masks)), iou_type)
     with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
         e.evaluate(); e.accumulate(); e.summarize()
     metrics = {k: _nan(v) for k, v in zip(_STATS, e.stats) if k}
@@ -99,9 +123,14 @@ def coco_eval(dataset:sv.DetectionDataset, predictions:list[sv.Detections], verb
     return Evaluation(metrics, dataset, predictions, e)
 
 # %% ../nbs/12_metrics.ipynb #c030
+def has_masks(dets:list[sv.Detections]) -> bool:
+    "Whether every non-empty `sv.Detections` of `dets` carries masks (and one does)."
+    full = [d for d in dets if len(d)]
+    return bool(full) and all(d.mask is not None for d in full)
+
 def evaluate(predict, dataset:sv.DetectionDataset, batch_size:int=8, threshold:float=0.0, progress:bool=True,
-             verbose:bool=False) -> Evaluation:
-    "COCO metrics of `predict(images, threshold=...)` on every image of `dataset`, `batch_size` images per call."
+             verbose:bool=False, iou_type=None) -> Evaluation:
+    "COCO metrics of `predict(images, threshold=...)` on every image of `dataset`; masks too (`mask_*`) when both have them."
     check_positive_int('batch_size', batch_size)
     check_threshold(threshold)
     paths, predictions = dataset.image_paths, []
@@ -115,7 +144,10 @@ def evaluate(predict, dataset:sv.DetectionDataset, batch_size:int=8, threshold:f
                                  "of one sv.Detections per image.")
             predictions.extend(dets)
             bar.update(len(images))
-    return coco_eval(dataset, predictions, verbose=verbose)
+    if iou_type is None:
+        both = has_masks(predictions) and has_masks([dataset.annotations[p] for p in paths])
+        iou_type = IOU_TYPES if both else 'bbox'
+    return coco_eval(dataset, predictions, iou_type, verbose=verbose)
 
 # %% ../nbs/12_metrics.ipynb #c034
 def check_class_names(model_names:dict[int, str], classes:list[str]):
@@ -169,11 +201,12 @@ def plot_pr_curves(result:Evaluation, iou:float=0.5, ax=None, figsize=(5, 3.5)):
 
 # %% ../nbs/12_metrics.ipynb #c046
 def confusion_matrix(result:Evaluation, conf_threshold:float=0.3, iou_threshold:float=0.5) -> sv.ConfusionMatrix:
-    "`supervision`'s confusion matrix of the predictions scoring at least `conf_threshold` (class ids of the dataset only)."
+    "`supervision`'s confusion matrix of the predictions scoring at least `conf_threshold` (matched by mask IoU for a `segm` result)."
     ds, n = result.dataset, len(result.dataset.classes)
     preds = [d[(d.class_id >= 0) & (d.class_id < n)] if len(d) else sv.Detections.empty() for d in result.predictions]
+    target = sv.metrics.MetricTarget.MASKS if result.iou_type == 'segm' else sv.metrics.MetricTarget.BOXES
     return sv.ConfusionMatrix.from_detections(preds, [ds.annotations[p] for p in ds.image_paths], list(ds.classes),
-                                              conf_threshold=conf_threshold, iou_threshold=iou_threshold)
+                                              conf_threshold=conf_threshold, iou_threshold=iou_threshold, metric_target=target)
 
 def plot_confusion_matrix(result:Evaluation, conf_threshold:float=0.3, iou_threshold:float=0.5, normalize:bool=False,
                           figsize=(5, 4)):

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from pycocotools import mask as mask_utils
 from rfdetr_nb.api import tiny_detector
 from rfdetr_nb.data import load_dataset, synthetic_shapes
-from rfdetr_nb.metrics import coco_eval, evaluate, per_class_table
+from rfdetr_nb.metrics import coco_eval, evaluate, per_class_table, rle, confusion_matrix
 
 KEYS = ('map', 'map50', 'map75', 'map_small', 'map_medium', 'map_large', None, None, 'mar_100')  # COCOeval.stats order
 
@@ -34,24 +35,42 @@ def random_case(seed, n_images=15, classes=('a', 'b', 'c', 'd')):
     return sv.DetectionDataset(list(classes), paths, anns), preds
 
 
-def direct_cocoeval(ds, preds, tmp_path, cat_ids=None):
-    "pycocotools the documented way: a ground-truth JSON file (ids from 1), `loadRes` on a results list."
-    gt = {'images': [{'id': i, 'file_name': p} for i, p in enumerate(ds.image_paths)],
+def direct_cocoeval(ds, preds, tmp_path, cat_ids=None, iou_type='bbox'):
+    "pycocotools the documented way: a ground-truth JSON file (ids from 1), `loadRes` on a results list (boxes or RLE masks)."
+    segm = iou_type == 'segm'
+    def obj(i, xyxy, c, m):
+        x0, y0, x1, y1 = xyxy
+        return {'image_id': i, 'category_id': c, **({'segmentation': rle(m)} if segm else {'bbox': [x0, y0, x1 - x0, y1 - y0]})}
+    masks = lambda d: d.mask if segm else [None] * len(d)
+    gt = {'images': [{'id': i, 'file_name': p, 'height': SIZE, 'width': SIZE} for i, p in enumerate(ds.image_paths)],
           'categories': [{'id': i, 'name': n} for i, n in enumerate(ds.classes)], 'annotations': []}
     for i, p in enumerate(ds.image_paths):
-        for (x0, y0, x1, y1), c in zip(ds.annotations[p].xyxy.tolist(), ds.annotations[p].class_id.tolist()):
-            gt['annotations'].append({'id': len(gt['annotations']) + 1, 'image_id': i, 'category_id': c, 'iscrowd': 0,
-                                      'bbox': [x0, y0, x1 - x0, y1 - y0], 'area': (x1 - x0) * (y1 - y0)})
+        d = ds.annotations[p]
+        for o in zip(d.xyxy.tolist(), d.class_id.tolist(), masks(d)):
+            a = obj(i, *o) | {'id': len(gt['annotations']) + 1, 'iscrowd': 0}
+            a['area'] = float(mask_utils.area(a['segmentation'])) if segm else a['bbox'][2] * a['bbox'][3]
+            gt['annotations'].append(a)
     (tmp_path / 'gt.json').write_text(json.dumps(gt))
-    res = [{'image_id': i, 'category_id': c, 'bbox': [x0, y0, x1 - x0, y1 - y0], 'score': s}
-           for i, d in enumerate(preds)
-           for (x0, y0, x1, y1), c, s in zip(d.xyxy.tolist(), d.class_id.tolist(), d.confidence.tolist())]
+    res = [obj(i, *o) | {'score': s} for i, d in enumerate(preds)
+           for o, s in zip(zip(d.xyxy.tolist(), d.class_id.tolist(), masks(d)), d.confidence.tolist())]
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(tmp_path / 'gt.json'))
-        e = COCOeval(coco, coco.loadRes(res), 'bbox')
+        e = COCOeval(coco, coco.loadRes(res), iou_type)
         if cat_ids is not None: e.params.catIds = cat_ids
         e.evaluate(); e.accumulate(); e.summarize()
     return e.stats
+
+
+SIZE = 760   # the random boxes lie inside a SIZE×SIZE image
+
+def add_blobs(det:sv.Detections, rng) -> sv.Detections:
+    "Give each box a mask its box does not tell: an ellipse of random size around a random point inside it."
+    yy, xx = np.mgrid[:SIZE, :SIZE] + .5
+    lo, hi = det.xyxy[:, :2], det.xyxy[:, 2:]
+    c = lo + (hi - lo) * rng.uniform(.3, .7, lo.shape)
+    r = np.maximum((hi - lo) * rng.uniform(.2, .6, lo.shape), 1)
+    det.mask = ((xx - c[:, None, None, 0]) / r[:, None, None, 0]) ** 2 + ((yy - c[:, None, None, 1]) / r[:, None, None, 1]) ** 2 <= 1
+    return det
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -68,6 +87,28 @@ def test_equals_pycocotools(seed, tmp_path):
         stats = direct_cocoeval(ds, preds, tmp_path, cat_ids=[k])
         np.testing.assert_allclose([ours['per_class'][name], *table.loc[name, ['AP', 'AP50', 'AP75']]],
                                    [stats[0], stats[0], stats[1], stats[2]], atol=1e-12)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_masks_equal_pycocotools(seed, tmp_path):
+    "Mask AP (iou_type='segm'), overall and per class, equals pycocotools' segm evaluation of RLE files."
+    ds, preds = random_case(seed)
+    rng = np.random.default_rng(seed)
+    for p in ds.image_paths: add_blobs(ds.annotations[p], rng)
+    preds = [add_blobs(d, rng) for d in preds]
+    ours, expected = coco_eval(ds, preds, 'segm'), direct_cocoeval(ds, preds, tmp_path, iou_type='segm')
+    for k, v in zip(KEYS, expected):
+        if k: np.testing.assert_allclose(ours[k], np.nan if v < 0 else v, rtol=0, atol=1e-12, err_msg=k)
+    assert 0 < ours['map'] < coco_eval(ds, preds)['map']   # the shapes are harder to get right than their boxes
+    table = per_class_table(ours)
+    for k, name in enumerate(table.index):
+        stats = direct_cocoeval(ds, preds, tmp_path, cat_ids=[k], iou_type='segm')
+        np.testing.assert_allclose([ours['per_class'][name], *table.loc[name, ['AP', 'AP50', 'AP75']]],
+                                   [stats[0], stats[0], stats[1], stats[2]], atol=1e-12)
+    both = coco_eval(ds, preds, ('bbox', 'segm'))
+    assert both['mask_map'] == ours['map'] and both['map'] == coco_eval(ds, preds)['map']
+    cm = confusion_matrix(both.segm, conf_threshold=0.5)   # matched by mask IoU: fewer true positives than by box
+    assert np.trace(cm.matrix) < np.trace(confusion_matrix(both, conf_threshold=0.5).matrix)
 
 
 def test_first_annotation_counts(tmp_path):

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field, asdict, replace, fields
 
 # %% auto #0
 __all__ = ['ENCODERS', 'PROJECTOR_SCALES', 'RFDETRNanoConfig', 'RFDETRSmallConfig', 'RFDETRMediumConfig', 'RFDETRLargeConfig',
-           'RFDETRBaseConfig', 'RFDETRLargeDeprecatedConfig', 'VARIANT_CONFIGS', 'check_positive_int',
+           'RFDETRBaseConfig', 'RFDETRLargeDeprecatedConfig', 'VARIANT_CONFIGS', 'RFDETRSegPreviewConfig',
+           'RFDETRSegNanoConfig', 'RFDETRSegSmallConfig', 'RFDETRSegMediumConfig', 'RFDETRSegLargeConfig',
+           'RFDETRSegXLargeConfig', 'RFDETRSeg2XLargeConfig', 'SEG_VARIANT_CONFIGS', 'check_positive_int',
            'nearest_valid_sizes', 'check_image_size', 'EncoderConfig', 'ModelConfig', 'config_with', 'variant_config',
            'tiny_config', 'demo_config', 'TrainConfig']
 
@@ -79,6 +81,8 @@ class ModelConfig:
     positional_encoding_size: int | None = None  # None: resolution // patch_size
     num_classes: int = 90                  # the class head has num_classes + 1 logit slots
     dim_feedforward: int = 2048
+    segmentation_head: bool = False        # add the mask head (the Seg variants)
+    mask_downsample_ratio: int = 4         # masks come out at 1/ratio of the input's sides
     drop_path: float = 0.0
     pretrain_weights: str | None = None
     device: str = 'cpu'
@@ -107,8 +111,11 @@ class ModelConfig:
     def validate(self):
         "Raise a `ValueError` naming the first field that cannot build a model."
         for f in ('hidden_dim', 'patch_size', 'num_windows', 'dec_layers', 'sa_nheads', 'ca_nheads', 'dec_n_points',
-                  'num_queries', 'num_select', 'group_detr', 'positional_encoding_size', 'num_classes', 'dim_feedforward'):
+                  'num_queries', 'num_select', 'group_detr', 'positional_encoding_size', 'num_classes', 'dim_feedforward',
+                  'mask_downsample_ratio'):
             check_positive_int(f, getattr(self, f))
+        if not isinstance(self.segmentation_head, bool):
+            raise ValueError(f"segmentation_head must be True or False, got {self.segmentation_head!r}.")
         enc = self.encoder_config
         check_image_size('resolution', self.resolution, self.block_size)
         for h in ('sa_nheads', 'ca_nheads'):
@@ -155,6 +162,25 @@ RFDETRLargeDeprecatedConfig = _variant(
 VARIANT_CONFIGS = {c.size: c for c in (RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
                                        RFDETRBaseConfig, RFDETRLargeDeprecatedConfig)}
 
+# %% ../nbs/00_config.ipynb #s002
+def _seg_variant(name, size, weights, dec_layers, num_queries, resolution, num_windows=2):
+    "A segmentation variant: the common Seg recipe with its own depth, queries, resolution and windows."
+    return _variant(name, size, weights, segmentation_head=True, patch_size=12, num_windows=num_windows,
+                    dec_layers=dec_layers, num_queries=num_queries, num_select=num_queries, resolution=resolution)
+
+RFDETRSegPreviewConfig = _seg_variant('RFDETRSegPreviewConfig', 'rfdetr-seg-preview', 'rf-detr-seg-preview.pt', 4, 200, 432)
+RFDETRSegNanoConfig    = _seg_variant('RFDETRSegNanoConfig', 'rfdetr-seg-nano', 'rf-detr-seg-nano.pt', 4, 100, 312,
+                                      num_windows=1)   # unwindowed: sides are multiples of 12
+RFDETRSegSmallConfig   = _seg_variant('RFDETRSegSmallConfig', 'rfdetr-seg-small', 'rf-detr-seg-small.pt', 4, 100, 384)
+RFDETRSegMediumConfig  = _seg_variant('RFDETRSegMediumConfig', 'rfdetr-seg-medium', 'rf-detr-seg-medium.pt', 5, 200, 432)
+RFDETRSegLargeConfig   = _seg_variant('RFDETRSegLargeConfig', 'rfdetr-seg-large', 'rf-detr-seg-large.pt', 5, 200, 504)
+RFDETRSegXLargeConfig  = _seg_variant('RFDETRSegXLargeConfig', 'rfdetr-seg-xlarge', 'rf-detr-seg-xlarge.pt', 6, 300, 624)
+RFDETRSeg2XLargeConfig = _seg_variant('RFDETRSeg2XLargeConfig', 'rfdetr-seg-2xlarge', 'rf-detr-seg-xxlarge.pt', 6, 300, 768)
+
+SEG_VARIANT_CONFIGS = {c.size: c for c in (RFDETRSegPreviewConfig, RFDETRSegNanoConfig, RFDETRSegSmallConfig,
+                                           RFDETRSegMediumConfig, RFDETRSegLargeConfig, RFDETRSegXLargeConfig,
+                                           RFDETRSeg2XLargeConfig)}
+
 # %% ../nbs/00_config.ipynb #c018
 def config_with(cls:type, **overrides) -> ModelConfig:
     "A `cls` config with `overrides`; a new `resolution` resizes the PE grid where the variant's grid follows it."
@@ -163,9 +189,10 @@ def config_with(cls:type, **overrides) -> ModelConfig:
     return cls(**overrides)
 
 def variant_config(size:str, **overrides) -> ModelConfig:
-    "The config of variant `size` (e.g. `'rfdetr-small'`), with `overrides`."
-    if size not in VARIANT_CONFIGS: raise ValueError(f"Unknown variant {size!r}; use one of {list(VARIANT_CONFIGS)}.")
-    return config_with(VARIANT_CONFIGS[size], **overrides)
+    "The config of detection or segmentation variant `size` (e.g. `'rfdetr-small'`, `'rfdetr-seg-nano'`), with `overrides`."
+    known = {**VARIANT_CONFIGS, **SEG_VARIANT_CONFIGS}
+    if size not in known: raise ValueError(f"Unknown variant {size!r}; use one of {list(known)}.")
+    return config_with(known[size], **overrides)
 
 # %% ../nbs/00_config.ipynb #c023
 def tiny_config(**overrides) -> ModelConfig:

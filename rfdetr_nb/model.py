@@ -13,7 +13,8 @@ from torchvision.ops import box_convert
 from .config import ModelConfig, tiny_config
 from .backbone import WindowedDinov2, freeze_positions
 from .projector import MultiScaleProjector
-from .transformer import Transformer, MLP, apply_box_delta
+from .transformer import Transformer, TransformerOutput, MLP, apply_box_delta
+from .segmentation import SegmentationHead
 
 # %% auto #0
 __all__ = ['DinoV2', 'Backbone', 'class_head', 'box_head', 'LWDETR', 'PostProcess']
@@ -48,7 +49,7 @@ def box_head(d):
 
 # %% ../nbs/05_model.ipynb #c008
 class LWDETR(nn.Module):
-    "RF-DETR: windowed DINOv2 + projector + two-stage deformable decoder + heads."
+    "RF-DETR: windowed DINOv2 + projector + two-stage deformable decoder + heads (boxes; masks with `segmentation_head`)."
     def __init__(self, cfg:ModelConfig):
         super().__init__()
         self.cfg, self.exporting = cfg, False
@@ -61,6 +62,7 @@ class LWDETR(nn.Module):
         self.query_feat = nn.Embedding(N, D)
         self.transformer.enc_out_class_embed = nn.ModuleList(class_head(D, C) for _ in range(cfg.group_detr))
         self.transformer.enc_out_bbox_embed = nn.ModuleList(box_head(D) for _ in range(cfg.group_detr))
+        self.segmentation_head = SegmentationHead(cfg) if cfg.segmentation_head else None
         # The reference keeps a keypoint mask buffer in every checkpoint; empty for detection.
         self.register_buffer('_kp_active_mask', torch.zeros(0, 0, dtype=torch.bool))
 
@@ -68,22 +70,32 @@ class LWDETR(nn.Module):
     def num_groups(self): return self.cfg.group_detr if self.training else 1
 
     def forward(self, x:torch.Tensor):
-        "Normalised images `[B,3,H,W]` → output dict (or `(boxes, logits)` after `export()`)."
-        G = self.num_groups
-        hs, ref, enc_logits, enc_boxes = self.transformer(self.backbone[0](x), self.query_feat.weight,
-                                                          self.refpoint_embed.weight, G, last_only=self.exporting)
-        boxes, logits = apply_box_delta(self.bbox_embed(hs), ref), self.class_embed(hs)   # [L,B,N,4], [L,B,N,C]
-        if self.exporting: return boxes[-1], logits[-1]
-        return {'pred_logits': logits[-1], 'pred_boxes': boxes[-1],
-                'aux_outputs': [{'pred_logits': l, 'pred_boxes': b} for l, b in zip(logits[:-1], boxes[:-1])],
-                'enc_outputs': {'pred_logits': enc_logits, 'pred_boxes': enc_boxes}}
+        "Normalised images `[B,3,H,W]` → output dict (or `(boxes, logits[, masks])` after `export()`)."
+        feats = self.backbone[0](x)
+        t = self.transformer(feats, self.query_feat.weight, self.refpoint_embed.weight, self.num_groups,
+                             last_only=self.exporting)
+        boxes, logits = apply_box_delta(self.bbox_embed(t.hs), t.ref), self.class_embed(t.hs)   # [L,B,N,4], [L,B,N,C]
+        seg = self.segmentation_head is not None
+        masks = self.mask_outputs(feats[0], t, x.shape[-2:]) if seg else None
+        if self.exporting: return (boxes[-1], logits[-1], masks[-1]) if seg else (boxes[-1], logits[-1])
+        layers = [{'pred_logits': l, 'pred_boxes': b} for l, b in zip(logits, boxes)]
+        enc = {'pred_logits': t.enc_logits, 'pred_boxes': t.enc_boxes}
+        for o, m in zip(layers + [enc], masks or []): o['pred_masks'] = m
+        return {**layers[-1], 'aux_outputs': layers[:-1], 'enc_outputs': enc}
+
+    def mask_outputs(self, feat:torch.Tensor, t:TransformerOutput, image_size) -> list:
+        "Masks of each decoder layer in `t.hs`, then of the encoder outputs (not in export); sparse forms in training."
+        head = self.segmentation_head
+        pixels = head.upsample(feat, image_size)                                 # [B,D,H/4,W/4]
+        out = head(pixels, t.hs) + ([] if self.exporting else [head.features(pixels, t.enc_states)])
+        return out if self.training else [head.mask_logits(o) for o in out]
 
     def export(self, shape:tuple[int, int]|None=None, portable:bool=True):
         "Switch to the export forward for images of `shape` (default: the config's square resolution)."
         h, w = shape or (self.cfg.resolution,) * 2
         freeze_positions(self.backbone[0].encoder.encoder.embeddings, h, w)
         self.exporting = True
-        for m in self.modules() if portable else ():   # converter-friendly ops in the transformer and deformable attention
+        for m in self.modules() if portable else ():   # converter-friendly ops: transformer, deformable attention, masks
             if hasattr(m, 'exporting'): m.exporting = True
         return self.eval()
 

@@ -7,6 +7,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/transformer.html.md"""
 # %% ../nbs/04_transformer.ipynb #c002
 from __future__ import annotations
 import copy, math
+from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from .deform_attn import MSDeformAttn
 
 # %% auto #0
 __all__ = ['apply_box_delta', 'MLP', 'sine_embed', 'split_groups', 'merge_groups', 'self_attention', 'DecoderLayer', 'Decoder',
-           'encoder_proposals', 'stack_params', 'group_linear', 'Transformer']
+           'encoder_proposals', 'stack_params', 'group_linear', 'TransformerOutput', 'Transformer']
 
 # %% ../nbs/04_transformer.ipynb #c006
 def apply_box_delta(delta:torch.Tensor, ref:torch.Tensor) -> torch.Tensor:
@@ -122,12 +123,21 @@ def group_linear(x:torch.Tensor, linears) -> torch.Tensor:
     return torch.baddbmm(b[:, None], x.reshape(x.shape[0], -1, x.shape[-1]), w.transpose(1, 2)).view(*x.shape[:-1], -1)
 
 # %% ../nbs/04_transformer.ipynb #c024
+class TransformerOutput(NamedTuple):
+    "What the transformer hands the heads."
+    hs: torch.Tensor                  # [L,B,N,D] each decoder layer's normed states (L=1 with `last_only`)
+    ref: torch.Tensor                 # [B,N,4] the reference boxes (cxcywh), shared by all layers
+    enc_logits: torch.Tensor          # [B,K·G,C] the selected tokens' class logits
+    enc_boxes: torch.Tensor           # [B,K·G,4] their refined proposals
+    enc_states: torch.Tensor | None   # [B,K·G,D] their states, for a mask head (None in training without one)
+
 class Transformer(nn.Module):
     "Two-stage query selection and the deformable decoder."
     def __init__(self, cfg:ModelConfig):
         super().__init__()
         D, C, G = cfg.hidden_dim, cfg.num_classes + 1, cfg.group_detr
         self.num_queries, self.exporting = cfg.num_queries, False   # `exporting`: set by `LWDETR.export`
+        self.mask_states = cfg.segmentation_head                    # hand the selected states to the mask head
         self.decoder = Decoder(cfg)
         self.enc_output = nn.ModuleList(nn.Linear(D, D) for _ in range(G))
         self.enc_output_norm = nn.ModuleList(nn.LayerNorm(D) for _ in range(G))
@@ -144,7 +154,7 @@ class Transformer(nn.Module):
             if isinstance(m, MSDeformAttn): m.reset_parameters()
 
     def select(self, memory, props, g):
-        "Group `g`'s top-K tokens: their class logits `[B,K,C]` and refined boxes `[B,K,4]`."
+        "Group `g`'s top-K tokens: their class logits `[B,K,C]`, refined boxes `[B,K,4]` and states `[B,K,D]`."
         m = self.enc_output_norm[g](self.enc_output[g](memory))               # [B,S,D]
         logits = self.enc_out_class_embed[g](m)                               # [B,S,C]
         B, S, _ = m.shape
@@ -153,10 +163,11 @@ class Transformer(nn.Module):
             rows = idx + torch.arange(B, device=idx.device)[:, None] * S
             pick = lambda t: t.flatten(0, 1)[rows]
         else: pick = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
-        return pick(logits), apply_box_delta(self.enc_out_bbox_embed[g](pick(m)), props[idx])
+        states = pick(m)
+        return pick(logits), apply_box_delta(self.enc_out_bbox_embed[g](states), props[idx]), states
 
     def select_groups(self, memory, props, groups):
-        "All groups' selections at once (batched matmuls over stacked group weights): `[B,K·G,C]`, `[B,K·G,4]`."
+        "All groups' selections at once (batched products over stacked group weights): `[B,K·G,C]`, `[B,K·G,4]`, `[B,K·G,D]`."
         G, K = groups, min(self.num_queries, memory.shape[1])
         m = group_linear(memory.expand(G, -1, -1, -1), self.enc_output[:G])           # [G,B,S,D]
         norm = self.enc_output_norm[:G]
@@ -165,26 +176,29 @@ class Transformer(nn.Module):
         logits = group_linear(m, self.enc_out_class_embed[:G])                           # [G,B,S,C]
         idx = logits.max(-1)[0].topk(K, dim=-1)[1]                                       # [G,B,K]
         pick = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))
-        h, mlps = pick(m), self.enc_out_bbox_embed[:G]
+        states = h = pick(m)                                                             # [G,B,K,D]
+        mlps = self.enc_out_bbox_embed[:G]
         for i in range(len(mlps[0].layers)):
             h = group_linear(h, [mlp.layers[i] for mlp in mlps])
             if i < len(mlps[0].layers) - 1: h = F.relu(h)
         merge = lambda t: t.permute(1, 0, 2, 3).flatten(1, 2)                            # [B,G·K,·], group 0 first
-        return merge(pick(logits)), merge(apply_box_delta(h, props[idx]))
+        states = merge(states) if self.mask_states else None                             # a copy: only for a mask head
+        return merge(pick(logits)), merge(apply_box_delta(h, props[idx])), states
 
     def forward(self, feats:list[torch.Tensor], query_feat:torch.Tensor, refpoints:torch.Tensor, groups:int=1,
-                last_only=False):
-        "Maps `[B,D,h,w]`·L and the query tables `[Q·G,D]`, `[Q·G,4]` → hs `[L,B,N,D]`, refs `[B,N,4]`, encoder logits and boxes."
+                last_only=False) -> TransformerOutput:
+        "Maps `[B,D,h,w]`·L and the query tables `[Q·G,D]`, `[Q·G,4]` → decoder states, references, encoder outputs."
         shapes = [tuple(f.shape[-2:]) for f in feats]
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)   # [B,S,D]
         props, valid = encoder_proposals(shapes, memory.device)
         props = props.to(memory.dtype)
         # invalid proposals score as blanks (export: a product with the constant mask, no `Where`)
         scored = memory * valid[:, None].to(memory.dtype) if self.exporting else memory.masked_fill(~valid[:, None], 0.)
-        enc_logits, enc_boxes = self.select_groups(scored, props, groups) if groups > 1 else self.select(scored, props, 0)
+        enc_logits, enc_boxes, enc_states = (self.select_groups(scored, props, groups) if groups > 1
+                                             else self.select(scored, props, 0))
         B, n = memory.shape[0], enc_boxes.shape[1]                              # n = K·G
         r = refpoints[:self.num_queries * groups].expand(B, -1, -1)
         ref = torch.cat([apply_box_delta(r[:, :n], enc_boxes.detach()), r[:, n:]], dim=1)  # [B,Q·G,4]
         tgt = query_feat[:self.num_queries * groups].expand(B, -1, -1)
         hs = self.decoder(tgt, ref, memory, shapes, groups, last_only)
-        return hs, ref, enc_logits, enc_boxes
+        return TransformerOutput(hs, ref, enc_logits, enc_boxes, enc_states)

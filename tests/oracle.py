@@ -11,7 +11,10 @@ except ImportError:
     pytest.skip('the reference rfdetr==1.11.2 is not installed (pip install -e ".[dev]")', allow_module_level=True)
 
 VARIANTS = dict(nano='RFDETRNano', small='RFDETRSmall', medium='RFDETRMedium', large='RFDETRLarge',
-                base='RFDETRBase', large_deprecated='RFDETRLargeDeprecated')
+                base='RFDETRBase', large_deprecated='RFDETRLargeDeprecated',
+                seg_preview='RFDETRSegPreview', seg_nano='RFDETRSegNano', seg_small='RFDETRSegSmall',
+                seg_medium='RFDETRSegMedium', seg_large='RFDETRSegLarge', seg_xlarge='RFDETRSegXLarge',
+                seg_2xlarge='RFDETRSeg2XLarge')
 
 @torch.no_grad()
 def reference_model(variant, seed=0, **overrides):

@@ -629,11 +629,8 @@ def _check_run_numbers(dls, grad_accum_steps, **numbers):
         raise ValueError(f"grad_accum_steps={grad_accum_steps} is more than the {len(dls.train)} training batches of an epoch, so "
                          f"no optimiser step would gather that many: use at most {len(dls.train)}, or a smaller batch size.")
 
-def _monitor(dls, output_dir:Path, resume) -> str|None:
-    "What the best checkpoints follow ('mAP', else 'valid_loss'), after a word about an earlier run or an unscorable validation split."
-    if resume is None and (output_dir/'last.pth').exists():
-        warnings.warn(f"{output_dir} holds an earlier run (last.pth): this run replaces its checkpoints and history. To "
-                      f"continue it pass resume={str(output_dir/'last.pth')!r}; to keep it, choose another output folder.")
+def _monitor(dls) -> str:
+    "What the best checkpoints follow: 'mAP', or 'valid_loss' when there is no COCO ground truth or it has no objects."
     if not hasattr(dls, 'gt_datasets'): return 'valid_loss'
     if background_share(dls.gt_datasets['valid']) < 1: return 'mAP'
     warnings.warn("The validation split has no objects, so its mAP cannot be measured (it shows as nan): the best "
@@ -668,7 +665,10 @@ def rfdetr_learner(dls, model='nano', pretrain_weights=None, output_dir='output'
     run_args = dict(lr=base_lr, **recipe, pretrained=pretrained, weight_decay=weight_decay, use_ema=ema, ema_decay=ema_decay,
                     ema_tau=ema_tau, clip_max_norm=clip_max_norm, multi_scale=multi_scale, grad_accum_steps=grad_accum_steps,
                     batch_size=dls.train.bs, output_dir=str(output_dir), dataset_dir=str(getattr(dls, 'path', '')))
-    monitor = _monitor(dls, output_dir, resume)
+    if resume is None and (output_dir/'last.pth').exists():
+        warnings.warn(f"{output_dir} holds an earlier run (last.pth): this run replaces its checkpoints and history. To "
+                      f"continue it pass resume={str(output_dir/'last.pth')!r}; to keep it, choose another output folder.")
+    monitor = _monitor(dls)
     evaluator = COCOEvaluator(dls.gt_datasets['valid'], cfg.num_select) if hasattr(dls, 'gt_datasets') else None
     callbacks = [GlobalStep(), MultiScaleResize(sizes), StopOnNonFinite(), TrainingCSVLogger(append=resume is not None),
                  SaveCheckpoints(rf, output_dir, monitor, run_args, notes),

@@ -206,11 +206,11 @@ def export_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
 
 def train_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
     "Run `rfdetr-nb train`: usage errors exit with 2, failures to load or train with 1."
-    try: detect_layout(args.dataset); output_folder(args.out)
-    except (OSError, ValueError) as e: parser.error(str(e))
     if args.from_scratch and args.weights: parser.error("--from-scratch starts from random weights: drop --weights.")
     if args.from_scratch and args.resume: parser.error("--resume continues a run with its own weights and learning rates: drop --from-scratch.")
     if args.resume and not Path(args.resume).is_file(): parser.error(f"Checkpoint {args.resume} does not exist.")
+    try: detect_layout(args.dataset); output_folder(args.out)             # the folders, before any model or data is built
+    except (OSError, ValueError) as e: parser.error(str(e))
     given = {k: v for k, v in dict(lr=args.lr, resolution=args.resolution, device=args.device, resume=args.resume).items() if v}
     try:
         if args.resume and not args.weights: rf = RFDETR.from_checkpoint(args.resume, **({'device': args.device} if args.device else {}))

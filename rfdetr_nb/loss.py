@@ -1,4 +1,4 @@
-"""Group-wise Hungarian matching, IoU-aware BCE, L1 and GIoU: what RF-DETR is trained to minimise.
+"""Group-wise Hungarian matching, IoU-aware BCE, L1 and GIoU, and point-sampled mask CE and Dice for segmentation: what RF-DETR is trained to minimise.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/loss.html.md"""
 
@@ -17,9 +17,10 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou
 from .config import ModelConfig
 
 # %% auto #0
-__all__ = ['xyxy', 'paired', 'fast_softplus', 'Targets', 'collate_targets', 'focal_cost', 'finite_costs', 'Match',
+__all__ = ['xyxy', 'paired', 'fast_softplus', 'Targets', 'per_image', 'collate_targets', 'focal_cost', 'finite_costs', 'Match',
            'HungarianMatcher', 'IABCE', 'ia_bce_loss', 'box_normaliser', 'output_layers', 'class_error',
-           'cardinality_error', 'DetrLoss']
+           'cardinality_error', 'point_sample', 'nearest_pixels', 'mask_labels', 'mask_logits_at', 'mask_costs',
+           'mask_size', 'mask_match_cost', 'matched_masks', 'uncertain_points', 'mask_terms', 'DetrLoss']
 
 # %% ../nbs/13_loss.ipynb #c006
 def xyxy(boxes:Tensor) -> Tensor:
@@ -42,14 +43,22 @@ class Targets(NamedTuple):
     sizes: list            # number of boxes of each image
     padded_labels: Tensor  # [B,Tmax] (padding: 0)
     padded_boxes: Tensor   # [B,Tmax,4] (padding: 0)
+    masks: Tensor|None = None   # [T,H,W] bool, for a segmentation model
 
-def collate_targets(targets:list[dict], num_slots:int, num_classes:int, device=None) -> Targets:
-    "Check target dicts (`boxes` `[N,4]`, integer `labels` `[N]`) against a class head of `num_slots` logits and collate them."
+def per_image(x:Tensor, sizes:list) -> Tensor:
+    "Rows of `x` `[T,...]` split by image (`sizes` rows each) and zero-padded to the largest: `[B,Tmax,...]`."
+    return torch.nn.utils.rnn.pad_sequence(list(x.split(sizes)), batch_first=True)
+
+def collate_targets(targets:list[dict], num_slots:int, num_classes:int, device=None, masks:bool=False) -> Targets:
+    "Check target dicts (`boxes` `[N,4]`, integer `labels` `[N]`, if `masks` also `masks` `[N,H,W]`) against a class head of `num_slots` logits and collate them."
     for i, t in enumerate(targets):
         boxes, labels = t['boxes'], t['labels']
         if boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1] or labels.is_floating_point():
             raise ValueError(f"target {i}: expected boxes [N,4] and integer labels [N], got boxes "
                              f"{tuple(boxes.shape)} and {labels.dtype} labels {tuple(labels.shape)}.")
+        if masks and (t.get('masks') is None or t['masks'].ndim != 3 or t['masks'].shape[:1] != boxes.shape[:1]):
+            raise ValueError(f"target {i}: a segmentation model needs masks [N,H,W] for its {len(boxes)} boxes, got "
+                             f"{None if t.get('masks') is None else tuple(t['masks'].shape)}.")
     labels = [t['labels'].to(device, torch.int64) for t in targets]
     boxes = [t['boxes'].to(device, torch.float32) for t in targets]
     flat = torch.cat(labels)
@@ -58,9 +67,9 @@ def collate_targets(targets:list[dict], num_slots:int, num_classes:int, device=N
         raise ValueError(f"label {bad[0].item()} is out of range for the class head: with num_classes={num_classes} "
                          f"({num_slots} logit slots) labels must be in [0, {num_slots - 1}]. "
                          "Build the model with more classes or remap the dataset's labels.")
-    pad = torch.nn.utils.rnn.pad_sequence
-    return Targets(flat, torch.cat(boxes), [len(l) for l in labels],
-                   pad(labels, batch_first=True), pad(boxes, batch_first=True))
+    sizes, boxes = [len(l) for l in labels], torch.cat(boxes)
+    return Targets(flat, boxes, sizes, per_image(flat, sizes), per_image(boxes, sizes),
+                   torch.cat([t['masks'] for t in targets]).to(device, torch.bool) if masks else None)
 
 # %% ../nbs/13_loss.ipynb #c012
 def focal_cost(logits:Tensor, alpha:float=0.25, gamma:float=2.) -> Tensor:
@@ -87,23 +96,24 @@ class HungarianMatcher:
     def __init__(self, cost_class:float=2., cost_bbox:float=5., cost_giou:float=2., focal_alpha:float=0.25):
         self.cost_class, self.cost_bbox, self.cost_giou, self.focal_alpha = cost_class, cost_bbox, cost_giou, focal_alpha
 
-    def cost(self, logits:Tensor, boxes:Tensor, tg:Targets) -> Tensor:
-        "Cost of giving each query each target of its image: logits `[B,R,C]`, boxes `[B,R,4]` → `[B,R,Tmax]`."
+    def cost(self, logits:Tensor, boxes:Tensor, tg:Targets, extra:Tensor|None=None) -> Tensor:
+        "Cost of giving each query each target of its image: logits `[B,R,C]`, boxes `[B,R,4]` (+ `extra`) → `[B,R,Tmax]`."
         logits, boxes = logits.float(), boxes.float()
         cls = focal_cost(logits.gather(2, tg.padded_labels[:, None].expand(-1, logits.shape[1], -1)), self.focal_alpha)
         l1 = torch.cdist(boxes, tg.padded_boxes, p=1)
         giou = generalized_box_iou(xyxy(boxes), xyxy(tg.padded_boxes))
-        return self.cost_bbox * l1 + self.cost_class * cls - self.cost_giou * giou
+        cost = self.cost_bbox * l1 + self.cost_class * cls - self.cost_giou * giou
+        return cost if extra is None else cost + extra
 
     @torch.no_grad()
-    def __call__(self, logits:Tensor, boxes:Tensor, tg:Targets, groups:int=1) -> Match:
+    def __call__(self, logits:Tensor, boxes:Tensor, tg:Targets, groups:int=1, extra:Tensor|None=None) -> Match:
         "Match each of the `groups` blocks of query rows to the targets of its image independently."
         B, R, _ = logits.shape
         if R % groups: raise ValueError(f"{R} query rows cannot be split into {groups} equal groups.")
         empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
         if not len(tg.labels): return Match(empty, empty, empty)
         q, offsets = R // groups, np.cumsum([0] + tg.sizes)
-        cost = finite_costs(self.cost(logits, boxes, tg).cpu()).view(B, groups, q, -1).numpy()
+        cost = finite_costs(self.cost(logits, boxes, tg, extra).cpu()).view(B, groups, q, -1).numpy()
         image, query, target = [], [], []
         for b, n in enumerate(tg.sizes):
             for g in range(groups if n else 0):
@@ -160,14 +170,91 @@ def cardinality_error(logits:Tensor, sizes:list) -> Tensor:
     "Mean over images of |#predictions scoring above 0.5 − #objects| (all query rows of `[B,R,C]` logits)."
     return ((logits.amax(-1) > 0).sum(1) - torch.tensor(sizes, device=logits.device)).abs().float().mean()
 
+# %% ../nbs/13_loss.ipynb #m02
+def point_sample(maps:Tensor, points:Tensor, mode:str='bilinear') -> Tensor:
+    "Values of `maps` `[N,C,H,W]` at `points` `[N,P,2]` ((x, y) in [0,1]²; edge pixels continue beyond the border): `[N,C,P]`."
+    return F.grid_sample(maps, 2 * points[:, :, None] - 1, mode=mode, padding_mode='border', align_corners=False)[..., 0]
+
+def nearest_pixels(points:Tensor, h:int, w:int) -> Tensor:
+    "Flat index of the pixel of an `h×w` map that `point_sample(..., mode='nearest')` reads at each of `points` `[N,P,2]`: `[N,P]`."
+    rows, cols = torch.meshgrid(torch.arange(h, device=points.device), torch.arange(w, device=points.device), indexing='ij')
+    where = torch.stack([rows, cols]).float()[None]                               # [1,2,h,w]: each pixel holds its (row, col)
+    r, c = point_sample(where, points.reshape(1, -1, 2), 'nearest')[0].long()     # [N·P] each
+    return (r * w + c).view(points.shape[:2])
+
+def mask_labels(masks:Tensor, which:Tensor, points:Tensor) -> Tensor:
+    "Target masks `masks[which]` (`[T,H,W]` bool, `which` `[M]`) at `points` `[M,P,2]`, or `[1,P,2]` shared by all: `[M,P]` of 0/1."
+    return masks.flatten(1)[which[:, None], nearest_pixels(points, *masks.shape[-2:])].float()
+
+# %% ../nbs/13_loss.ipynb #m05
+def mask_logits_at(pred_masks, points:Tensor) -> Tensor:
+    "Every query's mask logits at the same `points` `[1,P,2]`, from either form of `pred_masks`, without a full mask: `[B,R,P]`."
+    if isinstance(pred_masks, Tensor):                                            # [B,R,Hm,Wm] logits (evaluation)
+        B, R, h, w = pred_masks.shape
+        return point_sample(pred_masks.reshape(B * R, 1, h, w), points.expand(B * R, -1, -1)).view(B, R, -1).float()
+    f, q = pred_masks['spatial_features'], pred_masks['query_features']          # [B,D,Hm,Wm], [B,R,D]
+    return (torch.einsum('bdp,brd->brp', point_sample(f, points.expand(len(f), -1, -1)), q) + pred_masks['bias']).float()
+
+def mask_costs(logits:Tensor, labels:Tensor) -> tuple[Tensor, Tensor]:
+    "Mean sigmoid CE and Dice loss of every query against every object at shared points: `[B,R,P]`, `[B,T,P]` → `[B,R,T]` each."
+    ce = (fast_softplus(logits).sum(-1, keepdim=True) - logits @ labels.mT) / logits.shape[-1]   # BCE(x, t) = softplus(x) − t·x
+    p = logits.sigmoid()
+    dice = 1 - (2 * p @ labels.mT + 1) / (p.sum(-1, keepdim=True) + labels.sum(-1)[:, None] + 1)
+    return ce, dice
+
+def mask_size(pred_masks) -> tuple[torch.Size, torch.device]:
+    "The mask grid `(Hm, Wm)` of either form of `pred_masks`, and its device."
+    maps = pred_masks if isinstance(pred_masks, Tensor) else pred_masks['spatial_features']
+    return maps.shape[-2:], maps.device
+
+@torch.no_grad()
+def mask_match_cost(pred_masks, tg:Targets, ratio:int=16, cost_ce:float=5., cost_dice:float=5.) -> Tensor:
+    "Weighted mask CE and Dice costs `[B,R,Tmax]` at `Hm·Wm/ratio` random points shared by every query and object."
+    (h, w), device = mask_size(pred_masks)
+    points = torch.rand(1, h * w // ratio, 2, device=device)                      # drawn even when there is no object
+    labels = per_image(mask_labels(tg.masks, torch.arange(len(tg.masks), device=device), points), tg.sizes)   # [B,Tmax,P]
+    ce, dice = mask_costs(mask_logits_at(pred_masks, points), labels)
+    return cost_ce * ce + cost_dice * dice
+
+# %% ../nbs/13_loss.ipynb #m09
+def matched_masks(pred_masks, m:Match) -> Tensor:
+    "Mask logits `[M,Hm,Wm]` of the matched queries only, from either form of `pred_masks`."
+    if isinstance(pred_masks, Tensor): return pred_masks[m.image, m.query]
+    f, q = pred_masks['spatial_features'], pred_masks['query_features']
+    return torch.cat([torch.einsum('dhw,nd->nhw', f[b], q[b, m.query[m.image == b]]) for b in range(len(f))]) + pred_masks['bias']
+
+def uncertain_points(logits:Tensor, num_points:int, oversample:int=3, importance:float=.75) -> Tensor:
+    "PointRend's points on mask logits `[M,h,w]`: the `importance·P` most uncertain of `oversample·P` random candidates, then fresh random ones: `[M,P,2]`."
+    M, k = len(logits), int(importance * num_points)
+    candidates = torch.rand(M, oversample * num_points, 2, device=logits.device)                 # [M,3P,2]
+    uncertain = (-point_sample(logits[:, None], candidates)[:, 0].abs()).topk(k, dim=1).indices  # [M,k]: logits nearest 0
+    kept = candidates.gather(1, uncertain[..., None].expand(-1, -1, 2))
+    return torch.cat([kept, torch.rand(M, num_points - k, 2, device=logits.device)], 1)
+
+def mask_terms(pred_masks, m:Match, masks:Tensor, n:Tensor, ratio:int=16) -> dict:
+    "Point-sampled mask CE and Dice of the matched pairs `m` against `masks` `[T,H,W]`, each summed and divided by `n`."
+    src = matched_masks(pred_masks, m)                                            # [M,Hm,Wm]
+    if not len(src): return dict(loss_mask_ce=src.sum(), loss_mask_dice=src.sum())   # zero, still on the head's graph
+    h, w = src.shape[-2:]
+    with torch.no_grad(): points = uncertain_points(src, max(h, h * w // ratio))   # [M,P,2]
+    logits, labels = point_sample(src[:, None], points)[:, 0].float(), mask_labels(masks, m.target, points)   # [M,P] each
+    p = logits.sigmoid()
+    dice = 1 - (2 * (p * labels).sum(-1) + 1) / (p.sum(-1) + labels.sum(-1) + 1)
+    return dict(loss_mask_ce=F.binary_cross_entropy_with_logits(logits, labels, reduction='none').mean(1).sum() / n,
+                loss_mask_dice=dice.sum() / n)
+
 # %% ../nbs/13_loss.ipynb #c030
 class DetrLoss:
-    "RF-DETR's set loss: group-wise Hungarian matching, then IA-BCE + L1 + GIoU for every decoder layer and the encoder."
+    "RF-DETR's set loss: group-wise Hungarian matching, then IA-BCE + L1 + GIoU (+ mask CE + Dice) for every decoder layer and the encoder."
     def __init__(self, model_config:ModelConfig, cls_loss_coef:float=1., bbox_loss_coef:float=5., giou_loss_coef:float=2.,
-                 focal_alpha:float=0.25, set_cost_class:float=2., set_cost_bbox:float=5., set_cost_giou:float=2.):
-        self.cfg, self.focal_alpha = model_config, focal_alpha
+                 focal_alpha:float=0.25, set_cost_class:float=2., set_cost_bbox:float=5., set_cost_giou:float=2.,
+                 mask_ce_loss_coef:float=5., mask_dice_loss_coef:float=5., set_cost_mask_ce:float=5.,
+                 set_cost_mask_dice:float=5., mask_point_sample_ratio:int=16):
+        self.cfg, self.focal_alpha, self.masks = model_config, focal_alpha, model_config.segmentation_head
         self.matcher = HungarianMatcher(set_cost_class, set_cost_bbox, set_cost_giou, focal_alpha)
         self.weights = dict(loss_ce=cls_loss_coef, loss_bbox=bbox_loss_coef, loss_giou=giou_loss_coef)
+        if self.masks: self.weights.update(loss_mask_ce=mask_ce_loss_coef, loss_mask_dice=mask_dice_loss_coef)
+        self.ratio, self.mask_costs = mask_point_sample_ratio, dict(cost_ce=set_cost_mask_ce, cost_dice=set_cost_mask_dice)
         self.terms = {}
 
     def num_groups(self, outputs:dict) -> int:
@@ -177,29 +264,39 @@ class DetrLoss:
                                       "build the loss with the model's config.")
         return rows // Q
 
-    def layer_terms(self, logits:Tensor, boxes:Tensor, m:Match, tg:Targets, n:Tensor) -> dict:
+    def match(self, out:dict, tg:Targets, groups:int) -> Match:
+        "One layer's matched pairs; for a segmentation model its mask costs at fresh random points join the others."
+        extra = mask_match_cost(out['pred_masks'], tg, self.ratio, **self.mask_costs) if self.masks else None
+        return self.matcher(out['pred_logits'].float(), out['pred_boxes'].float(), tg, groups, extra)
+
+    def layer_terms(self, out:dict, m:Match, tg:Targets, n:Tensor) -> dict:
         "One layer's unweighted terms, given its matched pairs `m` and the normaliser `n`."
+        logits, boxes = out['pred_logits'].float(), out['pred_boxes'].float()
         labels, target_boxes, src = tg.labels[m.target], tg.boxes[m.target], boxes[m.image, m.query]   # [M], [M,4], [M,4]
         iou = paired(box_iou, src.detach(), target_boxes)
-        return dict(loss_ce=ia_bce_loss(logits, (m.image, m.query, labels), iou, self.focal_alpha) / n,
-                    loss_bbox=F.l1_loss(src, target_boxes, reduction='sum') / n,
-                    loss_giou=(1 - paired(generalized_box_iou, src, target_boxes)).sum() / n,
-                    cardinality_error=cardinality_error(logits, tg.sizes))
+        terms = dict(loss_ce=ia_bce_loss(logits, (m.image, m.query, labels), iou, self.focal_alpha) / n,
+                     loss_bbox=F.l1_loss(src, target_boxes, reduction='sum') / n,
+                     loss_giou=(1 - paired(generalized_box_iou, src, target_boxes)).sum() / n,
+                     cardinality_error=cardinality_error(logits, tg.sizes))
+        return terms | (mask_terms(out['pred_masks'], m, tg.masks, n, self.ratio) if self.masks else {})
 
     def __call__(self, outputs:dict, targets:list[dict]) -> Tensor:
         "The weighted total loss of `outputs` for `targets`; the unweighted terms are left in `self.terms`."
         pred = outputs['pred_logits']
         if len(targets) != len(pred): raise ValueError(f"{len(targets)} target dicts for a batch of {len(pred)} images.")
-        tg = collate_targets(targets, pred.shape[-1], self.cfg.num_classes, pred.device)
+        if self.masks and 'pred_masks' not in outputs:
+            raise ValueError("the config has segmentation_head=True but the outputs carry no pred_masks: "
+                             "build the loss with the model's config.")
+        tg = collate_targets(targets, pred.shape[-1], self.cfg.num_classes, pred.device, masks=self.masks)
         groups = self.num_groups(outputs)
         n = box_normaliser(len(tg.labels), groups, pred.device)
+        layers = output_layers(outputs)
+        matches = [self.match(out, tg, groups) for _, out in layers]      # every layer first: the reference's order of draws
         terms, total = {}, 0.
-        for suffix, out in output_layers(outputs):
-            logits, boxes = out['pred_logits'].float(), out['pred_boxes'].float()
-            m = self.matcher(logits, boxes, tg, groups)
-            for k, v in self.layer_terms(logits, boxes, m, tg, n).items():
+        for (suffix, out), m in zip(layers, matches):
+            for k, v in self.layer_terms(out, m, tg, n).items():
                 terms[k + suffix] = v
                 if k in self.weights: total = total + self.weights[k] * v
-            if not suffix: terms['class_error'] = class_error(logits[m.image, m.query], tg.labels[m.target])
+            if not suffix: terms['class_error'] = class_error(out['pred_logits'][m.image, m.query].float(), tg.labels[m.target])
         self.terms = {k: v.detach() for k, v in terms.items()}
         return total

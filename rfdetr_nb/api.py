@@ -27,7 +27,7 @@ __all__ = ['COCO_CLASSES', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 
            'load_image', 'folder_images', 'to_tensor01', 'preprocess', 'check_shape', 'Model', 'default_device',
            'RFDETR', 'detector_class', 'class_name', 'to_detections', 'source_array', 'check_threshold',
            'images_to_batch', 'outputs_to_detections', 'tiny_detector', 'resolve_dtype', 'infer_variant',
-           'config_kwargs']
+           'custom_architecture', 'config_kwargs']
 
 # %% ../nbs/08_api.ipynb #c005
 COCO_CLASSES = dict(enumerate("""person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant
@@ -309,6 +309,10 @@ def infer_variant(ckpt:dict, args:dict, path) -> type:
     raise ValueError(f"Could not tell which RF-DETR variant {path} holds (no 'model_name', no known 'pretrain_weights', "
                      f"no variant in the file name): call e.g. RFDETRSmall.from_checkpoint({str(path)!r}) on the right class.")
 
+def custom_architecture(ckpt:dict) -> bool:
+    "Whether checkpoint `ckpt` holds a model of its own configuration (a `model_config`) rather than one of the variants."
+    return ckpt.get('model_name') not in {c.__name__ for c in VARIANTS.values()} and isinstance(ckpt.get('model_config'), dict)
+
 def config_kwargs(model_config:dict) -> dict:
     "The `ModelConfig` fields of a checkpoint's `model_config` dict (an encoder dict rebuilt), without weights and device."
     kw = {f.name: model_config[f.name] for f in fields(ModelConfig) if f.name in model_config and f.name not in ('pretrain_weights', 'device')}
@@ -320,8 +324,7 @@ def from_checkpoint(cls:RFDETR, path, **kwargs) -> RFDETR:
     "A detector built from checkpoint `path` (class, classes and resolution read from the file unless given)."
     ckpt = read_checkpoint(path)
     args, sd = checkpoint_args(ckpt), checkpoint_state_dict(ckpt)
-    custom = not cls.size and ckpt.get('model_name') not in {c.__name__ for c in VARIANTS.values()} \
-             and isinstance(ckpt.get('model_config'), dict)
+    custom = not cls.size and custom_architecture(ckpt)
     if custom: kwargs = {**config_kwargs(ckpt['model_config']), **kwargs}
     target = cls if cls.size or custom else infer_variant(ckpt, args, path)
     if 'class_embed.bias' in sd: kwargs.setdefault('num_classes', sd['class_embed.bias'].shape[0] - 1)

@@ -1,4 +1,4 @@
-"""`rfdetr-nb predict`: detect objects in image files and folders, save annotated copies and a JSON of the detections; `rfdetr-nb export`: write a model as ONNX (or TFLite); `rfdetr-nb train`: train one on a dataset folder.
+"""`rfdetr-nb predict`: detect objects in image files and folders, save annotated copies and a JSON of the detections; `rfdetr-nb export`: write a model as ONNX (TFLite, OpenVINO); `rfdetr-nb train`: train one on a dataset folder.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/cli.html.md"""
 
@@ -8,24 +8,21 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/cli.html.md"""
 from __future__ import annotations
 import argparse, json, math
 from pathlib import Path
-import supervision as sv
 from tqdm.auto import tqdm
-from .config import check_image_size
-from .api import RFDETR, VARIANTS, detector_class, load_image
-from .checkpoint import read_checkpoint
-from .data import detect_layout
-from .learner import output_folder   # (importing the learner adds RFDETR.train)
-from .export import EXPORT_FORMATS, QUANTIZATIONS, OnnxPredictor, check_export_args
-from .tiling import predict_tiled
-from .viz import annotate, folder_images, IMAGE_EXTENSIONS
+from .config import VARIANT_CONFIGS, EXPORT_FORMATS, QUANTIZATIONS, check_image_size
+# The floors below (PyTorch, fastai, ONNX Runtime, …) are imported inside the commands that need them, so that
+# `rfdetr-nb --help` and every usage error answer at once.
 
 # %% auto #0
-__all__ = ['image_files', 'output_names', 'detections_to_json', 'predict_files', 'custom_architecture', 'load_detector',
-           'build_parser', 'predict_command', 'export_command', 'train_command', 'main']
+__all__ = ['MODELS', 'SUBCOMMANDS', 'image_files', 'output_names', 'detections_to_json', 'predict_files', 'load_detector',
+           'UsageError', 'usage_checked', 'subcommand', 'build_parser', 'main', 'predict_arguments',
+           'exported_predictor', 'predict_command', 'export_arguments', 'export_command', 'train_arguments',
+           'train_command']
 
 # %% ../nbs/16_cli.ipynb #c005
 def image_files(inputs) -> list[Path]:
     "The image files named by `inputs` (files, or folders of images), in order and without repeats."
+    from rfdetr_nb.api import folder_images, IMAGE_EXTENSIONS
     files = []
     for s in map(Path, inputs):
         if s.is_dir():
@@ -46,7 +43,7 @@ def output_names(paths) -> list[str]:
         used.add(name.lower()); names.append(name)
     return names
 
-def detections_to_json(det:sv.Detections) -> list[dict]:
+def detections_to_json(det) -> list[dict]:
     "One image's detections as JSON-ready dicts."
     return [{'class_id': int(c), 'class_name': str(n), 'confidence': round(float(s), 4), 'xyxy': [round(float(v), 2) for v in b]}
             for b, c, n, s in zip(det.xyxy, det.class_id, det.data['class_name'], det.confidence)]
@@ -58,8 +55,11 @@ def _check_no_overwrite(paths, targets):
     if clash: raise ValueError(f"Saving the annotated images would overwrite the inputs {sorted(map(str, clash))[:3]}; "
                                "choose another output folder.")
 
-def predict_files(rf:RFDETR, paths, out_dir, threshold:float=0.5, tile:int|None=None) -> Path:
-    "Predict each image in `paths`; save annotated copies and `detections.json` in `out_dir`."
+def predict_files(rf, paths, out_dir, threshold:float=0.5, tile:int|None=None) -> Path:
+    "Predict each image in `paths` with `rf` (a detector or a predictor); save annotated copies and `detections.json` in `out_dir`."
+    from rfdetr_nb.api import load_image
+    from rfdetr_nb.tiling import predict_tiled
+    from rfdetr_nb.viz import annotate
     out_dir = Path(out_dir)
     targets = [out_dir / n for n in output_names(paths)]
     _check_no_overwrite(paths, targets)
@@ -75,83 +75,140 @@ def predict_files(rf:RFDETR, paths, out_dir, threshold:float=0.5, tile:int|None=
     return json_path
 
 # %% ../nbs/16_cli.ipynb #c014
-def custom_architecture(path) -> bool:
-    "Whether the checkpoint at `path` holds a model of its own configuration rather than one of the variants."
-    ckpt = read_checkpoint(path)
-    return ckpt.get('model_name') not in {c.__name__ for c in VARIANTS.values()} and isinstance(ckpt.get('model_config'), dict)
-
-def load_detector(model:str, weights:str|None=None, device:str|None=None, from_scratch:bool=False) -> RFDETR:
+def load_detector(model:str, weights:str|None=None, device:str|None=None, from_scratch:bool=False):
     "The `model` variant with `weights` (default: its official weights; random with `from_scratch`) on `device` (default: GPU if any); a custom architecture's checkpoint is rebuilt as it is."
+    from rfdetr_nb.api import RFDETR, detector_class, custom_architecture
+    from rfdetr_nb.checkpoint import read_checkpoint
     kwargs = {k: v for k, v in (('pretrain_weights', weights), ('device', device)) if v}
     if from_scratch: kwargs['pretrain_weights'] = None
-    elif weights and Path(weights).is_file() and custom_architecture(weights):
+    elif weights and Path(weights).is_file() and custom_architecture(read_checkpoint(weights)):
         return RFDETR.from_checkpoint(weights, **({'device': device} if device else {}))
     return detector_class(model)(**kwargs)
 
 # %% ../nbs/16_cli.ipynb #c017
-def _positive_int(s:str) -> int:
-    "`s` as an int ≥ 1, for argparse."
-    if not s.isdigit() or int(s) < 1: raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return int(s)
+MODELS = [size.removeprefix('rfdetr-') for size in VARIANT_CONFIGS]
 
-def _score(s:str) -> float:
-    "`s` as a float in [0, 1], for argparse."
-    try: v = float(s)
-    except ValueError: v = -1.
-    if not 0 <= v <= 1: raise argparse.ArgumentTypeError(f"expected a score between 0 and 1, got {s!r}")
-    return v
+class UsageError(ValueError):
+    "A mistake in the command's arguments: `main` shows the usage line and exits with status 2."
 
-def _add_predict(sub):
-    "The `predict` subcommand's parser."
-    p = sub.add_parser('predict', help='detect objects in images',
-                       description='Detect objects in images; save annotated copies and detections.json in --out.')
+def usage_checked(f, *args):
+    "`f(*args)`, with its `OSError` or `ValueError` turned into a `UsageError`."
+    try: return f(*args)
+    except (OSError, ValueError) as e: raise UsageError(str(e)) from e
+
+def _number(convert, ok, what:str):
+    "An argparse type: `convert(s)` if `ok` of it, else an error saying `what` was expected."
+    def parse(s:str):
+        try: v = convert(s)
+        except ValueError: v = None
+        if v is None or not ok(v): raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+    return parse
+
+_positive_int = _number(int, lambda v: v >= 1, 'a positive integer')
+_score = _number(float, lambda v: 0 <= v <= 1, 'a score between 0 and 1')
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, 'a positive, finite number')
+
+def _options(model:str|None=None, out:str|None=None, device:bool=False) -> argparse.ArgumentParser:
+    "The options several commands share, as a parent parser: `--model`/`--weights` (default variant `model`), `--device`, `--out`."
+    p = argparse.ArgumentParser(add_help=False)
+    if model:
+        p.add_argument('--model', default=model, choices=MODELS, metavar='NAME', help=f"variant: {', '.join(MODELS)} (default: %(default)s)")
+        p.add_argument('--weights', metavar='PATH', help="checkpoint file (default: the variant's official weights)")
+    if device: p.add_argument('--device', help='cpu, cuda, cuda:1, mps, … (default: cuda if available)')
+    if out: p.add_argument('--out', default=out, metavar='DIR', help='output folder (default: %(default)s)')
+    return p
+
+SUBCOMMANDS = {}   # name → (help, description, parents, add_arguments, run)
+
+def subcommand(add_arguments, help:str, description:str, parents=()):
+    "Register the decorated `NAME_command(args)` as `rfdetr-nb NAME`, its arguments added by `add_arguments(parser)`."
+    def register(run):
+        SUBCOMMANDS[run.__name__.removesuffix('_command')] = (help, description, parents, add_arguments, run)
+        return run
+    return register
+
+def build_parser() -> argparse.ArgumentParser:
+    "The `rfdetr-nb` argument parser, one subparser per registered subcommand."
+    parser = argparse.ArgumentParser(prog='rfdetr-nb', description='RF-DETR object detection (rfdetr_nb).')
+    sub = parser.add_subparsers(title='commands', metavar='COMMAND', required=True)
+    for name, (help, description, parents, add_arguments, run) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help, description=description, parents=list(parents))
+        add_arguments(p)
+        p.set_defaults(run=run, parser=p)
+    return parser
+
+def main(argv:list[str]|None=None):
+    "The `rfdetr-nb` command (`argv` defaults to the command line): usage errors exit with 2, failures with 1."
+    args = build_parser().parse_args(argv)
+    try: args.run(args)
+    except UsageError as e: args.parser.error(str(e))
+    except (OSError, ValueError, RuntimeError) as e: args.parser.exit(1, f"{args.parser.prog}: error: {e}\n")
+
+# %% ../nbs/16_cli.ipynb #c017p
+def predict_arguments(p:argparse.ArgumentParser):
+    "The arguments of `rfdetr-nb predict`."
     p.add_argument('inputs', nargs='+', metavar='IMAGE_OR_DIR', help='image files, or folders of images')
-    p.add_argument('--model', default='small', choices=list(VARIANTS), metavar='NAME',
-                   help=f"variant: {', '.join(VARIANTS)} (default: %(default)s)")
-    p.add_argument('--weights', metavar='PATH', help="checkpoint file (default: the variant's official weights)")
     p.add_argument('--threshold', type=_score, default=0.5, metavar='SCORE', help='minimum score (default: %(default)s)')
-    p.add_argument('--out', default='predictions', metavar='DIR', help='output folder (default: %(default)s)')
     p.add_argument('--tile', type=_positive_int, metavar='N', help='predict in N×N tiles (default: the whole image)')
-    p.add_argument('--device', help='cpu, cuda, cuda:1, … (default: cuda if available)')
-    p.add_argument('--onnx', metavar='FILE', help='predict with this exported ONNX file on ONNX Runtime instead of --model/--weights')
-    p.set_defaults(run=lambda args: predict_command(args, p))
+    runtime = p.add_mutually_exclusive_group()
+    runtime.add_argument('--onnx', metavar='FILE', help='predict with this exported ONNX file on ONNX Runtime')
+    runtime.add_argument('--openvino', metavar='FILE', help='predict with this exported OpenVINO model (.xml) on OpenVINO')
 
-def _add_export(sub):
-    "The `export` subcommand's parser."
-    p = sub.add_parser('export', help='export a model to ONNX or TFLite',
-                       description='Export a detector to ONNX (or TFLite) as <out>/<size>.onnx; int8 files go beside it.')
-    p.add_argument('--model', default='small', choices=list(VARIANTS), metavar='NAME',
-                   help=f"variant: {', '.join(VARIANTS)} (default: %(default)s)")
-    p.add_argument('--weights', metavar='PATH', help="checkpoint file (default: the variant's official weights)")
+def exported_predictor(args:argparse.Namespace):
+    "The predictor of the `--onnx` or `--openvino` file, after checking that no PyTorch option was given with it."
+    from rfdetr_nb import export
+    option, path = ('--onnx', args.onnx) if args.onnx else ('--openvino', args.openvino)
+    clash = [f"--{k}" for k in ('weights', 'device') if getattr(args, k)]
+    if clash: raise UsageError(f"{option} runs the file on the CPU with the weights inside it: drop {' and '.join(clash)}.")
+    if not Path(path).is_file(): raise UsageError(f"{option} file {path} does not exist.")
+    return export.OnnxPredictor(path) if args.onnx else export.OpenVinoPredictor(path)
+
+@subcommand(predict_arguments, help='detect objects in images', parents=[_options('small', 'predictions', device=True)],
+            description='Detect objects in images; save annotated copies and detections.json in --out.')
+def predict_command(args:argparse.Namespace):
+    "Run `rfdetr-nb predict`."
+    paths = usage_checked(image_files, args.inputs)
+    exported = args.onnx or args.openvino
+    rf = exported_predictor(args) if exported else load_detector(args.model, args.weights, args.device)
+    json_path = predict_files(rf, paths, args.out, args.threshold, args.tile)
+    print(f"Annotated {len(paths)} image(s) into {Path(args.out).resolve()}; detections in {json_path.resolve()}")
+
+# %% ../nbs/16_cli.ipynb #c027e
+def export_arguments(p:argparse.ArgumentParser):
+    "The arguments of `rfdetr-nb export`."
     p.add_argument('--format', default='onnx', choices=EXPORT_FORMATS, help='file format (default: %(default)s)')
     p.add_argument('--shape', nargs=2, type=_positive_int, metavar=('H', 'W'), help="input height and width (default: the model's resolution)")
     p.add_argument('--batch-size', type=_positive_int, default=1, metavar='N', help='fixed batch size (default: %(default)s)')
-    p.add_argument('--dynamic-batch', action='store_true', help='let the batch size vary (ONNX only)')
+    p.add_argument('--dynamic-batch', action='store_true', help='let the batch size vary (ONNX and OpenVINO)')
     quants = list(dict.fromkeys(q for qs in QUANTIZATIONS.values() for q in qs if q))
     p.add_argument('--quantization', choices=quants, help=f"{', '.join(quants)} (default: none, float32)")
     p.add_argument('--calibration', metavar='DIR_OR_NPY',
                    help='int8 calibration images: a folder, or a .npy of N×H×W×3 floats in [0, 1] (default: random, with a warning)')
     p.add_argument('--backbone-only', action='store_true', help='export only the backbone and projector (output: features)')
     p.add_argument('--opset', type=int, default=17, metavar='N', help='ONNX opset (default: %(default)s)')
-    p.add_argument('--out', default='output', metavar='DIR', help='output folder (default: %(default)s)')
-    p.set_defaults(run=lambda args: export_command(args, p))
 
-def _positive_float(s:str) -> float:
-    "`s` as a finite float > 0, for argparse."
-    try: v = float(s)
-    except ValueError: v = 0.
-    if not (math.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {s!r}")
-    return v
+@subcommand(export_arguments, help='export a model to ONNX, TFLite or OpenVINO', parents=[_options('small', 'output')],
+            description='Export a detector to ONNX (or TFLite, OpenVINO) as <out>/<size>.onnx; the other files go beside it.')
+def export_command(args:argparse.Namespace):
+    "Run `rfdetr-nb export`."
+    if args.quantization not in QUANTIZATIONS[args.format]:
+        raise UsageError(f"--quantization {args.quantization} does not apply to --format {args.format}; "
+                         f"use one of {', '.join(q for q in QUANTIZATIONS[args.format] if q)}.")
+    if args.calibration and args.quantization != 'int8': raise UsageError("--calibration is only used with --quantization int8.")
+    if args.calibration and not Path(args.calibration).exists(): raise UsageError(f"Calibration data {args.calibration} does not exist.")
+    from rfdetr_nb.export import check_export_args
+    kwargs = dict(shape=args.shape, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, format=args.format,
+                  quantization=args.quantization, opset_version=args.opset)
+    rf = load_detector(args.model, args.weights, 'cpu')
+    usage_checked(lambda: check_export_args(rf, **kwargs))
+    path = rf.export(args.out, backbone_only=args.backbone_only, calibration_data=args.calibration, verbose=False, **kwargs)
+    print(f"Exported {path.resolve()}")
 
-def _add_train(sub):
-    "The `train` subcommand's parser."
-    p = sub.add_parser('train', help='train a detector on a dataset folder',
-                       description='Train a detector on a dataset folder (Roboflow COCO export, YOLO or COCO 2017): '
-                                   'fastai progress bars, COCO metrics after every epoch, rfdetr checkpoints in --out.')
+# %% ../nbs/16_cli.ipynb #c031t
+def train_arguments(p:argparse.ArgumentParser):
+    "The arguments of `rfdetr-nb train`."
     p.add_argument('dataset', metavar='DATASET_DIR', help='the dataset folder (with train/ and valid/ splits)')
-    p.add_argument('--model', default='nano', choices=list(VARIANTS), metavar='NAME',
-                   help=f"variant: {', '.join(VARIANTS)} (default: %(default)s)")
-    p.add_argument('--weights', metavar='PATH', help="checkpoint to start from (default: the variant's official weights)")
     p.add_argument('--from-scratch', action='store_true', help='start from random weights (and the from-scratch learning rates)')
     p.add_argument('--epochs', type=_positive_int, default=10, metavar='N', help='epochs (default: %(default)s)')
     p.add_argument('--batch-size', type=_positive_int, default=4, metavar='N', help='images per batch (default: %(default)s)')
@@ -160,73 +217,29 @@ def _add_train(sub):
     p.add_argument('--lr', type=_positive_float, metavar='LR',
                    help='base learning rate (default: 1e-4 for pretrained weights, 5e-4 from scratch)')
     p.add_argument('--resolution', type=_positive_int, metavar='PX', help="training and inference size (default: the variant's)")
-    p.add_argument('--device', help='cpu, cuda, cuda:1, mps (default: cuda if available)')
     p.add_argument('--resume', metavar='LAST_PTH',
                    help='continue the run saved in this last.pth (its model, optimiser, learning rates, epoch; no --model needed)')
-    p.add_argument('--out', default='output', metavar='DIR', help='output folder (default: %(default)s)')
-    p.set_defaults(run=lambda args: train_command(args, p))
 
-def build_parser() -> argparse.ArgumentParser:
-    "The `rfdetr-nb` argument parser."
-    parser = argparse.ArgumentParser(prog='rfdetr-nb', description='RF-DETR object detection (rfdetr_nb).')
-    sub = parser.add_subparsers(title='commands', metavar='COMMAND', required=True)
-    _add_predict(sub); _add_export(sub); _add_train(sub)
-    return parser
-
-def predict_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
-    "Run `rfdetr-nb predict`: usage errors exit with 2, failures to load or predict with 1."
-    try: paths = image_files(args.inputs)
-    except (OSError, ValueError) as e: parser.error(str(e))
-    if args.onnx:
-        clash = [f"--{k}" for k in ('weights', 'device') if getattr(args, k)]
-        if clash: parser.error(f"--onnx runs the file on ONNX Runtime's CPU with the weights inside it: drop {' and '.join(clash)}.")
-        if not Path(args.onnx).is_file(): parser.error(f"ONNX file {args.onnx} does not exist.")
-    try:
-        rf = OnnxPredictor(args.onnx) if args.onnx else load_detector(args.model, args.weights, args.device)
-        json_path = predict_files(rf, paths, args.out, args.threshold, args.tile)
-    except (OSError, ValueError, RuntimeError) as e: parser.exit(1, f"{parser.prog}: error: {e}\n")
-    print(f"Annotated {len(paths)} image(s) into {Path(args.out).resolve()}; detections in {json_path.resolve()}")
-
-def export_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
-    "Run `rfdetr-nb export`: usage errors exit with 2, failures to load or export with 1."
-    if args.quantization not in QUANTIZATIONS[args.format]:
-        parser.error(f"--quantization {args.quantization} does not apply to --format {args.format}; "
-                     f"use one of {', '.join(q for q in QUANTIZATIONS[args.format] if q)}.")
-    if args.calibration and args.quantization != 'int8': parser.error("--calibration is only used with --quantization int8.")
-    if args.calibration and not Path(args.calibration).exists(): parser.error(f"Calibration data {args.calibration} does not exist.")
-    kwargs = dict(shape=args.shape, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, format=args.format,
-                  quantization=args.quantization, opset_version=args.opset)
-    try:
-        rf = load_detector(args.model, args.weights, 'cpu')
-        try: check_export_args(rf, **kwargs)
-        except ValueError as e: parser.error(str(e))
-        path = rf.export(args.out, backbone_only=args.backbone_only, calibration_data=args.calibration, verbose=False, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e: parser.exit(1, f"{parser.prog}: error: {e}\n")
-    print(f"Exported {path.resolve()}")
-
-def train_command(args:argparse.Namespace, parser:argparse.ArgumentParser):
-    "Run `rfdetr-nb train`: usage errors exit with 2, failures to load or train with 1."
-    if args.from_scratch and args.weights: parser.error("--from-scratch starts from random weights: drop --weights.")
-    if args.from_scratch and args.resume: parser.error("--resume continues a run with its own weights and learning rates: drop --from-scratch.")
-    if args.resume and not Path(args.resume).is_file(): parser.error(f"Checkpoint {args.resume} does not exist.")
-    try: detect_layout(args.dataset); output_folder(args.out)             # the folders, before any model or data is built
-    except (OSError, ValueError) as e: parser.error(str(e))
+@subcommand(train_arguments, help='train a detector on a dataset folder', parents=[_options('nano', 'output', device=True)],
+            description='Train a detector on a dataset folder (Roboflow COCO export, YOLO or COCO 2017): '
+                        'fastai progress bars, COCO metrics after every epoch, rfdetr checkpoints in --out.')
+def train_command(args:argparse.Namespace):
+    "Run `rfdetr-nb train`."
+    if args.from_scratch and args.weights: raise UsageError("--from-scratch starts from random weights: drop --weights.")
+    if args.from_scratch and args.resume: raise UsageError("--resume continues a run with its own weights and learning rates: drop --from-scratch.")
+    if args.resume and not Path(args.resume).is_file(): raise UsageError(f"Checkpoint {args.resume} does not exist.")
+    from rfdetr_nb.data import detect_layout
+    from rfdetr_nb.learner import output_folder
+    usage_checked(detect_layout, args.dataset); usage_checked(output_folder, args.out)   # before any model or data is built
+    if args.resume and not args.weights:
+        from rfdetr_nb.api import RFDETR
+        rf = RFDETR.from_checkpoint(args.resume, **({'device': args.device} if args.device else {}))
+    else: rf = load_detector(args.model, args.weights, args.device, from_scratch=args.from_scratch)
+    if args.resolution: usage_checked(check_image_size, '--resolution', args.resolution, rf.model.model.cfg.block_size)
     given = {k: v for k, v in dict(lr=args.lr, resolution=args.resolution, device=args.device, resume=args.resume).items() if v}
-    try:
-        if args.resume and not args.weights: rf = RFDETR.from_checkpoint(args.resume, **({'device': args.device} if args.device else {}))
-        else: rf = load_detector(args.model, args.weights, args.device, from_scratch=args.from_scratch)
-        if args.resolution:
-            try: check_image_size('--resolution', args.resolution, rf.model.model.cfg.block_size)
-            except ValueError as e: parser.error(str(e))
-        learn = rf.train(dataset_dir=str(args.dataset), epochs=args.epochs, batch_size=args.batch_size,
-                         grad_accum_steps=args.grad_accum_steps, output_dir=str(args.out), **given)
-    except (OSError, ValueError, RuntimeError) as e: parser.exit(1, f"{parser.prog}: error: {e}\n")
+    learn = rf.train(dataset_dir=str(args.dataset), epochs=args.epochs, batch_size=args.batch_size,
+                     grad_accum_steps=args.grad_accum_steps, output_dir=str(args.out), **given)
     final = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1])) if learn.recorder.values else {}
     scores = ', '.join(f"{k} {final[k]:.3f}" for k in ('mAP', 'mAP50') if k in final)
     print(f"Trained {type(rf).__name__} for {args.epochs} epoch(s){': last epoch ' + scores if scores else ''}; "
           f"checkpoints in {Path(args.out).resolve()}")
-
-def main(argv:list[str]|None=None):
-    "The `rfdetr-nb` command (`argv` defaults to the command line)."
-    args = build_parser().parse_args(argv)
-    args.run(args)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, asdict, replace, fields
 __all__ = ['ENCODERS', 'PROJECTOR_SCALES', 'RFDETRNanoConfig', 'RFDETRSmallConfig', 'RFDETRMediumConfig', 'RFDETRLargeConfig',
            'RFDETRBaseConfig', 'RFDETRLargeDeprecatedConfig', 'VARIANT_CONFIGS', 'RFDETRSegPreviewConfig',
            'RFDETRSegNanoConfig', 'RFDETRSegSmallConfig', 'RFDETRSegMediumConfig', 'RFDETRSegLargeConfig',
-           'RFDETRSegXLargeConfig', 'RFDETRSeg2XLargeConfig', 'SEG_VARIANT_CONFIGS', 'check_positive_int',
-           'nearest_valid_sizes', 'check_image_size', 'EncoderConfig', 'ModelConfig', 'config_with', 'variant_config',
-           'tiny_config', 'demo_config', 'TrainConfig']
+           'RFDETRSegXLargeConfig', 'RFDETRSeg2XLargeConfig', 'SEG_VARIANT_CONFIGS', 'EXPORT_FORMATS', 'QUANTIZATIONS',
+           'check_positive_int', 'nearest_valid_sizes', 'check_image_size', 'EncoderConfig', 'ModelConfig',
+           'config_with', 'variant_config', 'tiny_config', 'demo_config', 'TrainConfig']
 
 # %% ../nbs/00_config.ipynb #c006
 def check_positive_int(name:str, v):
@@ -250,3 +250,8 @@ class TrainConfig:
         if self.lr_scheduler not in ('step', 'cosine'): raise ValueError(f"lr_scheduler must be 'step' or 'cosine', got {self.lr_scheduler!r}.")
         if self.multi_scale not in ('per-batch', 'per-sample', 'off'):
             raise ValueError(f"multi_scale must be 'per-batch', 'per-sample' or 'off', got {self.multi_scale!r}.")
+
+# %% ../nbs/00_config.ipynb #e002
+EXPORT_FORMATS = ('onnx', 'tflite', 'openvino')
+QUANTIZATIONS = {'onnx': (None, 'fp32', 'int8', 'int8-dynamic'), 'tflite': (None, 'fp32', 'fp16', 'int8'),
+                 'openvino': (None, 'fp32', 'bf16', 'int8')}

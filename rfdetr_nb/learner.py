@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.amp import GradScaler
 import supervision as sv
 from fastcore.basics import patch
+from .data import rfdetr_dls, multi_scale_sizes, show_boxes, background_share   # first: it loads fastai with its one deprecation note silenced
 from fastcore.foundation import L
 from fastai.learner import Learner, AvgLoss, Metric
 from fastai.optimizer import OptimWrapper
@@ -38,7 +39,6 @@ from .config import ModelConfig, TrainConfig, check_image_size, check_positive_i
 from .model import LWDETR, PostProcess
 from .checkpoint import read_checkpoint, checkpoint_args, resize_pos_embed
 from .api import RFDETR, VARIANTS, detector_class, to_detections, default_device
-from .data import rfdetr_dls, multi_scale_sizes, show_boxes, background_share
 from .metrics import coco_eval
 from .loss import DetrLoss
 
@@ -703,7 +703,8 @@ def reference_schedule(tc:TrainConfig, lr:float) -> ParamScheduler:
     return ParamScheduler({'lr': combine_scheds(*map(list, zip(*keep)))})
 
 # %% ../nbs/14_learner.ipynb #c071
-def _train(self:RFDETR, **kwargs) -> DetectionLearner:
+@patch
+def train(self:RFDETR, **kwargs) -> DetectionLearner:
     "Train on `dataset_dir` like rfdetr's `RFDETR.train` (kwargs: `TrainConfig` fields, `resolution`, `device`, `notes`, `resume`)."
     for k in DEPRECATED_TRAIN_ARGS:
         if k in kwargs:
@@ -735,8 +736,6 @@ def _train(self:RFDETR, **kwargs) -> DetectionLearner:
     if best.exists(): learn.model.load_state_dict(read_checkpoint(best)['model'])
     learn.model.eval()
     return learn
-
-RFDETR.train = _train
 
 # %% ../nbs/14_learner.ipynb #c075
 class DetrDistributedDL(DistributedDL):

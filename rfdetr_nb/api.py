@@ -238,7 +238,7 @@ def predict(self:RFDETR, images, threshold:float=0.5, shape=None, patch_size=Non
 def tiny_detector(**overrides) -> RFDETR:
     "A random-weight `RFDETR` of `tiny_config(**overrides)` on the CPU with classes `class_0…`, for tests and examples."
     cfg = tiny_config(**overrides)
-    rf = RFDETR(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, 'pretrain_weights': None, 'device': 'cpu'})
+    rf = RFDETR(**cfg.architecture(), pretrain_weights=None, device='cpu')
     rf.model.class_names = [f'class_{i}' for i in range(cfg.num_classes)]
     return rf
 

@@ -6,7 +6,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #c002
 from __future__ import annotations
-from dataclasses import dataclass, field, asdict, replace, fields
+from dataclasses import dataclass, asdict, fields
 
 # %% auto #0
 __all__ = ['ENCODERS', 'PROJECTOR_SCALES', 'RFDETRNanoConfig', 'RFDETRSmallConfig', 'RFDETRMediumConfig', 'RFDETRLargeConfig',
@@ -136,6 +136,10 @@ class ModelConfig:
         d = asdict(self)
         if isinstance(self.encoder, EncoderConfig): d['encoder'] = asdict(self.encoder)
         return d
+
+    def architecture(self) -> dict:
+        "The fields that build the network, as keyword arguments (for an `RFDETR`): all but the weights and the device."
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ('pretrain_weights', 'device')}
 
 # %% ../nbs/00_config.ipynb #c016
 def _variant(name, size, weights, pe_follows=True, **defaults):

@@ -8,7 +8,6 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/learner.html.md"""
 from __future__ import annotations
 import copy, errno, json, math, os, random, re, secrets, shutil, socket, time, warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import fields
 from functools import partial
 from pathlib import Path
 import numpy as np
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.amp import GradScaler
 import supervision as sv
+from torchvision.ops import box_convert
 from fastcore.basics import patch
 from .data import rfdetr_dls, multi_scale_sizes, show_boxes, background_share   # first: it loads fastai with its one deprecation note silenced
 from fastcore.foundation import L
@@ -568,7 +568,7 @@ class DetectionLearner(Learner):
         axs = get_grid(2 * n, nrows=n, ncols=2, figsize=figsize or (6, 3 * n), **kwargs)
         for i in range(n):
             gt = y[i]['boxes'].cpu()
-            show_boxes(imgs[i], torch.cat([gt[:, :2] - gt[:, 2:] / 2, gt[:, :2] + gt[:, 2:] / 2], 1) * wh,
+            show_boxes(imgs[i], box_convert(gt, 'cxcywh', 'xyxy') * wh,
                        [names[int(l)] for l in y[i]['labels']], ctx=axs[2 * i], title='truth' if i == 0 else None)
             keep = results[i]['scores'] > threshold
             show_boxes(imgs[i], results[i]['boxes'][keep].cpu(), [f"{names[int(l)] if int(l) < len(names) else l} {s:.2f}"
@@ -576,10 +576,6 @@ class DetectionLearner(Learner):
                        title=f'predicted > {threshold}' if i == 0 else None)
 
 # %% ../nbs/14_learner.ipynb #c051
-def _config_kwargs(cfg:ModelConfig) -> dict:
-    "The fields of `cfg` as keyword arguments for an `RFDETR`, without weights and device."
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ('pretrain_weights', 'device')}
-
 def detector_for(model, num_classes:int, class_names:list, pretrain_weights=None, device=None) -> RFDETR:
     "The `RFDETR` to train from a variant name, a `ModelConfig` or an `RFDETR`, with `num_classes` classes named `class_names`."
     if isinstance(model, RFDETR):
@@ -590,7 +586,7 @@ def detector_for(model, num_classes:int, class_names:list, pretrain_weights=None
         if rf.model.model.cfg.num_classes != num_classes: rf.model.model.reinitialize_detection_head(num_classes + 1)
     elif isinstance(model, (str, ModelConfig)):
         if isinstance(model, str): cls, kw = detector_class(model), {}
-        else: cls, kw = next((c for c in VARIANTS.values() if type(model) is c.config_class), RFDETR), _config_kwargs(model)
+        else: cls, kw = next((c for c in VARIANTS.values() if type(model) is c.config_class), RFDETR), model.architecture()
         if pretrain_weights is not None: kw['pretrain_weights'] = pretrain_weights or None
         elif isinstance(model, ModelConfig): kw['pretrain_weights'] = model.pretrain_weights
         rf = cls(**{**kw, 'num_classes': num_classes, 'device': str(device or default_device())})

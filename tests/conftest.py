@@ -1,7 +1,16 @@
 import pytest
+import torch
 from rfdetr_nb.backbone import fast_kernels
 
 @pytest.fixture(autouse=True)
 def reference_kernels():
     "Compare with the reference on PyTorch's default kernels (bit-identical numerics); tests opt into the fast ones."
     with fast_kernels(False): yield
+
+@pytest.fixture(scope='module')
+def one_thread():
+    "One thread, for the training tests: on a busy 2-core machine two OpenMP threads spin against each other and a step takes ~10× longer."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,13 +10,7 @@ from rfdetr_nb.learner import rfdetr_learner, LOCK_FILE, TrainingDiverged
 import rfdetr_nb.learner as learner_module
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "One thread: on a busy 2-core machine two OpenMP threads spin against each other."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):

@@ -14,13 +14,7 @@ from rfdetr_nb.api import detector_class
 from rfdetr_nb.learner import param_groups, training_recipe, ema_decay, ema_update_, rfdetr_learner
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "One thread: on a busy 2-core machine two OpenMP threads spin against each other and a step takes ~10× longer."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):

@@ -6,10 +6,13 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/data.html.md"""
 
 # %% ../nbs/11_data.ipynb #c002
 from __future__ import annotations
-import json, os, random, warnings
+import dataclasses, json, os, random, warnings
+from collections.abc import Mapping
 from functools import partial, lru_cache
 from pathlib import Path
 import cv2
+import pycocotools.mask as mask_utils
+from matplotlib import colormaps
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -30,9 +33,10 @@ from .api import IMAGENET_MEAN, IMAGENET_STD, folder_images
 # %% auto #0
 __all__ = ['SPLITS', 'COCO_JSON', 'IMAGE_SIGNATURES', 'IMAGE_ENDS', 'SHAPE_CLASSES', 'CROP_SHORT_SIDES', 'CROP_MIN_SIDE',
            'split_name', 'yolo_data_file', 'detect_layout', 'clamp_boxes', 'image_problem', 'detection_dataset',
-           'read_json', 'read_coco', 'coco_label_categories', 'coco_images', 'roboflow_split', 'read_yaml',
-           'yolo_class_names', 'yolo_split_dirs', 'read_yolo_labels', 'image_size', 'yolo_split', 'coco2017_split',
-           'load_dataset', 'shapes_image', 'synthetic_shapes', 'show_boxes', 'multi_scale_sizes', 'resize_square',
+           'check_segmentation', 'segmentation_mask', 'MaskedAnnotations', 'box_annotations', 'read_json', 'read_coco',
+           'coco_label_categories', 'coco_images', 'roboflow_split', 'read_yaml', 'yolo_class_names', 'yolo_split_dirs',
+           'read_yolo_labels', 'image_size', 'yolo_split', 'coco2017_split', 'load_dataset', 'shapes_image',
+           'mask_polygons', 'synthetic_shapes', 'show_boxes', 'multi_scale_sizes', 'resize_square',
            'random_square_crop', 'crop_square', 'hflip', 'augment', 'detr_target', 'DetectionItems', 'DetrDL',
            'DetrDataLoaders', 'background_share', 'check_objects', 'rfdetr_dls']
 
@@ -100,10 +104,11 @@ def image_problem(path) -> str|None:
 
 # %% ../nbs/11_data.ipynb #c010
 def detection_dataset(classes:list, images:list, source, split:str) -> sv.DetectionDataset:
-    """A lazy `sv.DetectionDataset` from `images`: `(path, width, height, xyxy [N,4], class_id [N], area [N], ref [N])`.
-    Boxes are clamped; empty boxes, missing and unreadable images are dropped with a warning naming `source`."""
-    paths, annotations, dropped, missing, broken = [], {}, [], [], []
-    for path, w, h, xyxy, cls, area, ref in images:
+    """A lazy `sv.DetectionDataset` from `images`: `(path, width, height, xyxy [N,4], class_id [N], area [N], ref [N], segs)`.
+    Boxes are clamped; empty boxes, missing and unreadable images are dropped with a warning naming `source`.
+    `segs` is None, or the N checked COCO segmentations from which the masks are rasterised when an image is read."""
+    paths, annotations, segmentations, dropped, missing, broken = [], {}, {}, [], [], []
+    for path, w, h, xyxy, cls, area, ref, segs in images:
         if not Path(path).is_file(): missing.append(Path(path).name); continue
         if problem := image_problem(path): broken.append(f"{Path(path).name} ({problem})"); continue
         xyxy, ok = clamp_boxes(xyxy, w, h)
@@ -111,6 +116,7 @@ def detection_dataset(classes:list, images:list, source, split:str) -> sv.Detect
         det = sv.Detections(xyxy=xyxy[ok], class_id=np.asarray(cls, np.int64)[ok]) if ok.any() else sv.Detections.empty()
         det.data['area'] = np.asarray(area, np.float32).reshape(-1)[ok] if ok.any() else np.zeros(0, np.float32)
         paths.append(str(path)); annotations[str(path)] = det
+        if segs is not None: segmentations[str(path)] = (h, w, [s for s, k in zip(segs, ok) if k])
     if missing:
         warnings.warn(f"{source}: {len(missing)} of {len(images)} images of the '{split}' split do not exist and were "
                       f"skipped ({_examples(missing)}); restore them or remove them from the annotations.")
@@ -121,7 +127,53 @@ def detection_dataset(classes:list, images:list, source, split:str) -> sv.Detect
         warnings.warn(f"{source}: {len(dropped)} boxes have no width or height once clamped to their image and were "
                       f"dropped ({_examples(dropped)}); fix or delete them in the annotations.")
     if not paths: raise ValueError(f"The '{split}' split of {source} has no images: add images or choose another split.")
-    return sv.DetectionDataset(classes=list(classes), images=paths, annotations=annotations)
+    ds = sv.DetectionDataset(classes=list(classes), images=paths, annotations=annotations)
+    if segmentations: ds.annotations = MaskedAnnotations(ds.annotations, segmentations)
+    return ds
+
+# %% ../nbs/11_data.ipynb #c012n
+def check_segmentation(seg, h:int, w:int, where:str):
+    "`seg` if it is COCO polygons or RLE that can be rasterised on an `h`×`w` image; otherwise an error naming `where`."
+    if isinstance(seg, dict):
+        if not (isinstance(seg.get('size'), list) and isinstance(seg.get('counts'), (str, list))):
+            raise ValueError(f"{where}: an RLE segmentation needs 'size' [height, width] and 'counts' (a string or a list), got {seg!r:.80}.")
+        if seg['size'] != [h, w]:
+            raise ValueError(f"{where}: the RLE is for a {seg['size']} image (size [height, width]) but its image is [{h}, {w}]; "
+                             "export the masks again at the image's size.")
+        if isinstance(seg['counts'], list) and sum(seg['counts']) != h * w:
+            raise ValueError(f"{where}: the RLE counts add up to {sum(seg['counts'])} pixels, not {h}×{w}; export the masks again.")
+        return seg
+    if not seg: raise ValueError(f"{where} has no 'segmentation' and masks were asked for: draw its mask, delete the annotation, "
+                                 "or load the dataset with masks=False.")
+    if not (isinstance(seg, list) and all(isinstance(p, list) for p in seg)):
+        raise ValueError(f"{where}: 'segmentation' must be polygons [[x1, y1, x2, y2, ...], ...] or RLE {{'size': [h, w], 'counts': ...}}, "
+                         f"got {seg!r:.80}.")
+    for p in seg:
+        if len(p) % 2 or len(p) < 6 or not all(isinstance(v, (int, float)) for v in p):
+            raise ValueError(f"{where}: a polygon needs at least 3 points as x, y numbers (an even count, at least 6), got "
+                             f"{len(p)} values {p!r:.60}; fix or delete that part.")
+    return seg
+
+def segmentation_mask(seg, h:int, w:int) -> np.ndarray:
+    "The `[h,w]` bool mask of a checked COCO `segmentation`: polygon parts OR-ed, compressed or uncompressed RLE."
+    if isinstance(seg, list): rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    else: rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg['counts'], list) else seg
+    return mask_utils.decode(rle).astype(bool)
+
+# %% ../nbs/11_data.ipynb #c012p
+class MaskedAnnotations(Mapping):
+    "A dataset's `annotations` (`path → sv.Detections`) whose `mask [N,H,W]` bool is rasterised from the kept outlines on each access."
+    def __init__(self, boxes:dict, segmentations:dict): self.boxes, self.segmentations = boxes, segmentations   # path → (h, w, segs)
+    def __getitem__(self, path):
+        h, w, segs = self.segmentations[path]
+        mask = np.stack([segmentation_mask(s, h, w) for s in segs]) if segs else np.zeros((0, h, w), bool)
+        return dataclasses.replace(self.boxes[path], mask=mask)
+    def __iter__(self): return iter(self.boxes)
+    def __len__(self): return len(self.boxes)
+
+def box_annotations(ds:sv.DetectionDataset) -> dict:
+    "`path → sv.Detections` of `ds` without rasterising any mask."
+    return getattr(ds.annotations, 'boxes', ds.annotations)
 
 # %% ../nbs/11_data.ipynb #c014
 def read_json(file) -> dict:
@@ -163,15 +215,15 @@ def _check_bbox(a, file):
         raise ValueError(f"{file}: annotation {a.get('id', '?') if isinstance(a, dict) else a!r} needs 'image_id', "
                          f"'category_id' and 'bbox' as [x, y, width, height]; got {a!r}.")
 
-def coco_images(coco:dict, file, image_dir:Path, cat2label:dict) -> list[tuple]:
-    "Per image of `coco`: `(path, w, h, xyxy, class_id, area, ref)` for `detection_dataset`; crowd boxes removed."
+def coco_images(coco:dict, file, image_dir:Path, cat2label:dict, masks:bool=False) -> list[tuple]:
+    "Per image of `coco`: `(path, w, h, xyxy, class_id, area, ref, segs)` for `detection_dataset` (`segs` with `masks`); crowds removed."
     index, names = {}, set()
     for im in coco['images']:
         if not (isinstance(im, dict) and all(k in im for k in ('id', 'file_name', 'width', 'height'))):
             raise ValueError(f"{file}: every image needs 'id', 'file_name', 'width' and 'height', got {im!r}.")
         if im['file_name'] in names: raise ValueError(f"{file}: the image {im['file_name']} is listed twice; remove the duplicate.")
         names.add(im['file_name'])
-        index[im['id']] = [(image_dir/im['file_name']).absolute(), im['width'], im['height'], [], [], [], []]
+        index[im['id']] = [(image_dir/im['file_name']).absolute(), im['width'], im['height'], [], [], [], [], [] if masks else None]
     for a in coco['annotations']:
         _check_bbox(a, file)
         if a['image_id'] not in index:
@@ -185,11 +237,12 @@ def coco_images(coco:dict, file, image_dir:Path, cat2label:dict) -> list[tuple]:
         rec = index[a['image_id']]
         rec[3].append([x, y, x + w, y + h]); rec[4].append(cat2label[a['category_id']])
         rec[5].append(a.get('area', w * h)); rec[6].append(f"annotation {a.get('id', '?')}")
-    return [(p, w, h, np.array(b, np.float32).reshape(-1, 4), c, ar, r) for p, w, h, b, c, ar, r in index.values()]
+        if masks: rec[7].append(check_segmentation(a.get('segmentation'), rec[2], rec[1], f"{file}: annotation {a.get('id', '?')}"))
+    return [(p, w, h, np.array(b, np.float32).reshape(-1, 4), c, ar, r, s) for p, w, h, b, c, ar, r, s in index.values()]
 
 # %% ../nbs/11_data.ipynb #c019
-def roboflow_split(root:Path, split:str) -> sv.DetectionDataset:
-    "A split of a Roboflow COCO export, labelled by the train split's category mapping."
+def roboflow_split(root:Path, split:str, masks:bool=False) -> sv.DetectionDataset:
+    "A split of a Roboflow COCO export, labelled by the train split's category mapping; with `masks`, masks from `segmentation`."
     file = root/split/COCO_JSON
     if not file.is_file():
         found = [s for s in SPLITS if (root/s/COCO_JSON).is_file()]
@@ -201,7 +254,7 @@ def roboflow_split(root:Path, split:str) -> sv.DetectionDataset:
                       "its labels may differ from those of a model trained on another export.")
     cats = coco_label_categories(read_coco(train_file) if split != 'train' and train_file.is_file() else coco)
     cat2label = {c['id']: i for i, c in enumerate(cats)}
-    return detection_dataset([c['name'] for c in cats], coco_images(coco, file, root/split, cat2label), file, split)
+    return detection_dataset([c['name'] for c in cats], coco_images(coco, file, root/split, cat2label, masks), file, split)
 
 # %% ../nbs/11_data.ipynb #c021
 def read_yaml(file) -> dict:
@@ -255,9 +308,9 @@ def yolo_split_dirs(root:Path, data:dict, split:str, file) -> tuple[Path, Path]:
     return images, labels
 
 # %% ../nbs/11_data.ipynb #c024
-def read_yolo_labels(file:Path, n_classes:int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    "The `class_id [N]`, normalised `cxcywh [N,4]` and `file:line` refs of a YOLO label file (polygons → their box)."
-    cls, boxes, refs = [], [], []
+def read_yolo_labels(file:Path, n_classes:int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[str]]:
+    "The `class_id [N]`, normalised `cxcywh [N,4]`, polygons (`[K,2]`; a box's 4 corners) and `file:line` refs of a YOLO label file."
+    cls, boxes, polys, refs = [], [], [], []
     for n, line in enumerate(file.read_text(encoding='utf-8').splitlines(), 1):
         v = line.split()
         if not v: continue
@@ -269,18 +322,20 @@ def read_yolo_labels(file:Path, n_classes:int) -> tuple[np.ndarray, np.ndarray, 
         if c != int(c) or not 0 <= c < n_classes:
             raise ValueError(f"{file}:{n}: class id {v[0]} is out of range: data.yaml names {n_classes} classes (ids 0..{n_classes - 1}).")
         if len(v) > 5:   # polygon: its bounding box
-            x, y = xy[0::2], xy[1::2]
-            xy = np.array([(x.min() + x.max()) / 2, (y.min() + y.max()) / 2, x.max() - x.min(), y.max() - y.min()])
-        cls.append(int(c)); boxes.append(xy); refs.append(f"{file.name}:{n}")
-    return np.array(cls, np.int64), np.array(boxes, np.float64).reshape(-1, 4), refs
+            poly = xy.reshape(-1, 2)
+            lo, hi = poly.min(0), poly.max(0)
+            xy = np.concatenate([(lo + hi) / 2, hi - lo])
+        else: poly = xy[:2] + xy[2:] / 2 * np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]])   # [4,2] the box's corners
+        cls.append(int(c)); boxes.append(xy); polys.append(poly); refs.append(f"{file.name}:{n}")
+    return np.array(cls, np.int64), np.array(boxes, np.float64).reshape(-1, 4), polys, refs
 
 # %% ../nbs/11_data.ipynb #c026
 def image_size(path) -> tuple[int, int]:
     "The `(width, height)` of an image file, read from its header (no pixels are decoded)."
     with Image.open(path) as im: return im.size
 
-def yolo_split(root:Path, split:str) -> sv.DetectionDataset:
-    "A split of a YOLO dataset; label files without an image are reported, images without labels are background."
+def yolo_split(root:Path, split:str, masks:bool=False) -> sv.DetectionDataset:
+    "A split of a YOLO dataset; label files without an image are reported, images without labels are background; `masks`: YOLO-seg."
     file = yolo_data_file(root)
     data = read_yaml(file)
     classes = yolo_class_names(data, file)
@@ -289,10 +344,11 @@ def yolo_split(root:Path, split:str) -> sv.DetectionDataset:
     for img in folder_images(images_dir):
         stems.add(img.stem)
         label = labels_dir/f'{img.stem}.txt'
-        cls, cxcywh, refs = read_yolo_labels(label, len(classes)) if label.is_file() else (np.zeros(0, np.int64), np.zeros((0, 4)), [])
-        w, h = image_size(img) if len(cls) else (1, 1)
+        cls, cxcywh, polys, refs = read_yolo_labels(label, len(classes)) if label.is_file() else (np.zeros(0, np.int64), np.zeros((0, 4)), [], [])
+        w, h = image_size(img) if len(cls) or masks else (1, 1)
         xyxy = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1) * [w, h, w, h]
-        images.append((img.absolute(), w, h, xyxy, cls, cxcywh[:, 2] * cxcywh[:, 3] * w * h, refs))
+        segs = [[(p * [w, h]).ravel().tolist()] for p in polys] if masks else None   # one-part COCO polygons in pixels
+        images.append((img.absolute(), w, h, xyxy, cls, cxcywh[:, 2] * cxcywh[:, 3] * w * h, refs, segs))
     orphans = sorted(f.name for f in labels_dir.glob('*.txt') if f.stem not in stems)
     if orphans and labels_dir != images_dir:
         warnings.warn(f"{labels_dir}: {len(orphans)} label files have no image in {images_dir} and were ignored "
@@ -300,8 +356,8 @@ def yolo_split(root:Path, split:str) -> sv.DetectionDataset:
     return detection_dataset(classes, images, labels_dir, split)
 
 # %% ../nbs/11_data.ipynb #c028
-def coco2017_split(root:Path, split:str) -> sv.DetectionDataset:
-    "A split of COCO 2017 (`train2017/`, `val2017/`, `annotations/`), labelled by the raw category ids."
+def coco2017_split(root:Path, split:str, masks:bool=False) -> sv.DetectionDataset:
+    "A split of COCO 2017 (`train2017/`, `val2017/`, `annotations/`), labelled by the raw category ids; `masks` as `roboflow_split`."
     if split == 'test': raise ValueError(f"COCO 2017 has no public test annotations: use split='valid' (val2017) in {root}.")
     name = {'train': 'train2017', 'valid': 'val2017'}[split]
     file = root/'annotations'/f'instances_{name}.json'
@@ -309,14 +365,14 @@ def coco2017_split(root:Path, split:str) -> sv.DetectionDataset:
     coco = read_coco(file)
     names = {c['id']: c['name'] for c in coco['categories']}
     classes = [names.get(i, f'unused_{i}') for i in range(max(names, default=0) + 1)]
-    return detection_dataset(classes, coco_images(coco, file, root/name, {i: i for i in names}), file, split)
+    return detection_dataset(classes, coco_images(coco, file, root/name, {i: i for i in names}, masks), file, split)
 
 # %% ../nbs/11_data.ipynb #c030
-def load_dataset(path, split:str='train') -> sv.DetectionDataset:
-    "The `split` of the dataset folder `path` (Roboflow COCO, YOLO or COCO 2017, detected) as a lazy `sv.DetectionDataset`."
+def load_dataset(path, split:str='train', masks:bool=False) -> sv.DetectionDataset:
+    "The `split` of the dataset folder `path` (Roboflow COCO, YOLO or COCO 2017, detected) as a lazy `sv.DetectionDataset`; `masks`: with `mask [N,H,W]`."
     root = Path(path)
     reader = {'coco': roboflow_split, 'yolo': yolo_split, 'coco2017': coco2017_split}[detect_layout(root)]
-    return reader(root, split_name(split))
+    return reader(root, split_name(split), masks)
 
 # %% ../nbs/11_data.ipynb #c032
 SHAPE_CLASSES = ('circle', 'square', 'triangle')
@@ -353,10 +409,10 @@ def _free_spot(rng, size:int, side:int, boxes:list, tries:int=30):
         if all(x + side + 2 <= b[0] or b[2] + 2 <= x or y + side + 2 <= b[1] or b[3] + 2 <= y for b in boxes): return x, y
     return None
 
-def shapes_image(rng, size:int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "One synthetic RGB image `[size,size,3]` uint8 with its exact boxes `xyxy [N,4]` and labels `[N]`."
+def shapes_image(rng, size:int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    "One synthetic RGB image `[size,size,3]` uint8 with its exact boxes `xyxy [N,4]`, labels `[N]` and masks `[N,size,size]` bool."
     img = _background(rng, size)
-    boxes, labels = [], []
+    boxes, labels, masks = [], [], []
     n = 0 if rng.random() < 0.1 else int(rng.integers(1, 5))
     for _ in range(n):
         side = int(rng.uniform(0.1, 0.4) * size)
@@ -369,33 +425,47 @@ def shapes_image(rng, size:int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         colour = rng.uniform(0, 255, 3)
         while np.linalg.norm(colour - under) < 120: colour = rng.uniform(0, 255, 3)   # stand out from the background
         img[y:y + side, x:x + side][mask] = colour
+        drawn = np.zeros((size, size), bool); drawn[y:y + side, x:x + side] = mask
+        for m in masks: m &= ~drawn                                              # a mask keeps its visible pixels
+        masks.append(drawn)
         ys, xs = np.nonzero(mask)
         boxes.append([x + xs.min(), y + ys.min(), x + xs.max() + 1, y + ys.max() + 1]); labels.append(label)
     img += (rng.random(img.shape, dtype=np.float32) - 0.5) * 20                  # pixel noise
-    return img.clip(0, 255).astype(np.uint8), np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)
+    return (img.clip(0, 255).astype(np.uint8), np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64),
+            np.array(masks, bool).reshape(-1, size, size))
+
+# %% ../nbs/11_data.ipynb #c034m
+def mask_polygons(mask:np.ndarray) -> list[list[float]]:
+    "COCO polygons of the outer outlines of `mask` `[H,W]`, on pixel corners: pycocotools rasterises them back to `mask` (holes aside)."
+    up = cv2.resize(mask.astype(np.uint8), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)   # [2H,2W]
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)              # at the 2× pixels' centres
+    return [((c.reshape(-1, 2) + 0.5) / 2).ravel().tolist() for c in contours]
 
 # %% ../nbs/11_data.ipynb #c035
 def _write_coco(folder:Path, samples:list, size:int):
-    "Write a split in the Roboflow COCO layout: the images and `_annotations.coco.json` (root category 0, ids from 0)."
+    "Write a split in the Roboflow COCO layout: `_annotations.coco.json` (root category 0, ids from 0), with polygons when there are masks."
     cats = [{'id': 0, 'name': 'shapes', 'supercategory': 'none'}] + \
            [{'id': i + 1, 'name': n, 'supercategory': 'shapes'} for i, n in enumerate(SHAPE_CLASSES)]
     images, anns = [], []
-    for i, (name, boxes, labels) in enumerate(samples):
+    for i, (name, boxes, labels, masks) in enumerate(samples):
         images.append({'id': i, 'file_name': name, 'width': size, 'height': size})
-        for (x0, y0, x1, y1), c in zip(boxes.tolist(), labels.tolist()):
+        segs = [[]] * len(labels) if masks is None else [mask_polygons(m) for m in masks]
+        for (x0, y0, x1, y1), c, seg in zip(boxes.tolist(), labels.tolist(), segs):
             anns.append({'id': len(anns), 'image_id': i, 'category_id': c + 1, 'bbox': [x0, y0, x1 - x0, y1 - y0],
-                         'area': (x1 - x0) * (y1 - y0), 'segmentation': [], 'iscrowd': 0})
+                         'area': (x1 - x0) * (y1 - y0), 'segmentation': seg, 'iscrowd': 0})
     (folder/COCO_JSON).write_text(json.dumps({'images': images, 'annotations': anns, 'categories': cats}))
 
 def _write_yolo_labels(folder:Path, samples:list, size:int):
-    "Write one YOLO label file per image (empty for a background image)."
-    for name, boxes, labels in samples:
-        cxcywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1) / size
-        (folder/f'{Path(name).stem}.txt').write_text(''.join(f"{c} {' '.join(f'{v:.10g}' for v in b)}\n" for c, b in zip(labels, cxcywh)))
+    "Write one YOLO label file per image (empty for a background image): boxes, or YOLO-seg polygons when there are masks."
+    for name, boxes, labels, masks in samples:
+        if masks is None: rows = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1) / size
+        else: rows = [np.array(mask_polygons(m)[0]) / size for m in masks]     # one part each: shapes never touch
+        (folder/f'{Path(name).stem}.txt').write_text(''.join(f"{c} {' '.join(f'{v:.10g}' for v in r)}\n" for c, r in zip(labels, rows)))
 
 # %% ../nbs/11_data.ipynb #c036
-def synthetic_shapes(path, n_train:int=400, n_valid:int=100, n_test:int=0, size:int=256, seed:int=0, layout:str='coco') -> Path:
-    "Write the synthetic shapes dataset (circle, square, triangle) to `path` in the `'coco'` (Roboflow) or `'yolo'` layout."
+def synthetic_shapes(path, n_train:int=400, n_valid:int=100, n_test:int=0, size:int=256, seed:int=0, layout:str='coco',
+                     masks:bool=False) -> Path:
+    "Write the synthetic shapes dataset (circle, square, triangle) to `path` in the `'coco'` (Roboflow) or `'yolo'` layout; `masks`: outlines too."
     if layout not in ('coco', 'yolo'): raise ValueError(f"layout must be 'coco' or 'yolo', got {layout!r}.")
     if not (isinstance(size, int) and size >= 32): raise ValueError(f"size must be an int ≥ 32 pixels, got {size!r}.")
     root = Path(path)
@@ -408,10 +478,10 @@ def synthetic_shapes(path, n_train:int=400, n_valid:int=100, n_test:int=0, size:
         folder.mkdir(parents=True, exist_ok=True)
         samples = []
         for i in range(n):
-            img, boxes, labels = shapes_image(np.random.default_rng([seed, si, i]), size)
+            img, boxes, labels, shape_masks = shapes_image(np.random.default_rng([seed, si, i]), size)
             name = f'{split}_{i:05d}.jpg'
             cv2.imwrite(str(folder/name), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
-            samples.append((name, boxes, labels))
+            samples.append((name, boxes, labels, shape_masks if masks else None))
         if layout == 'coco': _write_coco(folder, samples, size)
         else:
             (root/split/'labels').mkdir(exist_ok=True)
@@ -423,9 +493,12 @@ def synthetic_shapes(path, n_train:int=400, n_valid:int=100, n_test:int=0, size:
     return root
 
 # %% ../nbs/11_data.ipynb #c043
-def show_boxes(image, xyxy, names=None, ctx=None, text_size:int=8, **kwargs):
-    "Show `image` (HWC or CHW) on the matplotlib axis `ctx` with boxes `xyxy [N,4]` in pixels, labelled by `names`."
+def show_boxes(image, xyxy, names=None, ctx=None, text_size:int=8, masks=None, **kwargs):
+    "Show `image` (HWC or CHW) on the matplotlib axis `ctx` with boxes `xyxy [N,4]` in pixels, labelled by `names`, and `masks [N,H,W]` tinted."
     ctx = show_image(image, ctx=ctx, **kwargs)
+    if masks is not None and len(masks):
+        tint = (np.asarray(masks)[..., None] * colormaps['tab10'](np.arange(len(masks)) % 10)[:, None, None]).max(0)   # [H,W,4] RGBA
+        ctx.imshow(tint * [1, 1, 1, 0.45])
     boxes = TensorBBox(torch.as_tensor(np.asarray(xyxy, np.float32)).view(-1, 4))
     for b, n in zip(boxes, names if names is not None else [None] * len(boxes)): b.show(ctx=ctx, text=n, text_size=text_size)
     return ctx
@@ -440,10 +513,11 @@ def multi_scale_sizes(resolution:int, block:int, expanded:bool=True) -> list[int
 # %% ../nbs/11_data.ipynb #c064
 CROP_SHORT_SIDES, CROP_MIN_SIDE = (400, 500, 600), 384
 
-def resize_square(img:torch.Tensor, boxes:torch.Tensor, size:int) -> tuple[torch.Tensor, torch.Tensor]:
-    "`img` `[3,H,W]` stretched to `[3,size,size]` (bilinear, antialiased), and its pixel boxes `xyxy [N,4]` with it."
+def resize_square(img:torch.Tensor, boxes:torch.Tensor, size:int, masks=None) -> tuple:
+    "`img` `[3,H,W]` stretched to `[3,size,size]` (bilinear, antialiased), its pixel boxes `xyxy [N,4]` and `masks [N,H,W]` (nearest) with it."
     h, w = img.shape[-2:]
-    return TF.resize(img, [size, size], antialias=True), boxes * torch.tensor([size / w, size / h] * 2)
+    if masks is not None: masks = TF.resize(masks[:, None].to(torch.uint8), [size, size], TF.InterpolationMode.NEAREST_EXACT)[:, 0].bool()
+    return TF.resize(img, [size, size], antialias=True), boxes * torch.tensor([size / w, size / h] * 2), masks
 
 def random_square_crop(h:int, w:int, rng:random.Random) -> tuple[int, int, int]:
     "`(top, left, side)` of branch B's square: side c/S of the short side, S ∈ {400,500,600}, c uniform in [384, S]."
@@ -451,31 +525,34 @@ def random_square_crop(h:int, w:int, rng:random.Random) -> tuple[int, int, int]:
     side = max(1, round(rng.randint(min(CROP_MIN_SIDE, S), S) / S * min(h, w)))
     return rng.randint(0, h - side), rng.randint(0, w - side), side
 
-def crop_square(img, boxes, labels, top:int, left:int, side:int):
-    "The `side`-pixel square of `img` at (`top`, `left`), boxes clipped to it and dropped when nothing is left."
+def crop_square(img, boxes, labels, top:int, left:int, side:int, masks=None):
+    "The `side`-pixel square of `img` (and `masks`) at (`top`, `left`), boxes clipped to it and dropped (with their masks) when nothing is left."
     boxes = (boxes - torch.tensor([left, top] * 2)).clamp(0, side)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return img[:, top:top + side, left:left + side], boxes[keep], labels[keep]
+    if masks is not None: masks = masks[keep, top:top + side, left:left + side]
+    return img[:, top:top + side, left:left + side], boxes[keep], labels[keep], masks
 
-def hflip(img, boxes):
-    "`img` `[3,H,W]` and its boxes mirrored left to right."
+def hflip(img, boxes, masks=None):
+    "`img` `[3,H,W]`, its boxes and `masks` `[N,H,W]` mirrored left to right."
     w = img.shape[-1]
     flipped = torch.from_numpy(np.ascontiguousarray(img.numpy()[..., ::-1]))   # numpy: ~10× faster than torch's uint8 flip
-    return flipped, torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+    return flipped, torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1), None if masks is None else masks.flip(-1)
 
 # %% ../nbs/11_data.ipynb #c066
-def augment(img, boxes, labels, size:int, rng:random.Random, scale_jitter:bool=True, flip_p:float=0.5):
-    "Spec §13.6: square resize, or (half the time, with `scale_jitter`) a random square crop resized; then a random flip."
-    if scale_jitter and rng.random() >= 0.5: img, boxes, labels = crop_square(img, boxes, labels, *random_square_crop(*img.shape[-2:], rng))
-    img, boxes = resize_square(img, boxes, size)
-    if rng.random() < flip_p: img, boxes = hflip(img, boxes)
-    return img, boxes, labels
+def augment(img, boxes, labels, size:int, rng:random.Random, scale_jitter:bool=True, flip_p:float=0.5, masks=None):
+    "Spec §13.6: square resize, or (half the time, with `scale_jitter`) a random square crop resized; then a random flip. `masks` follow."
+    if scale_jitter and rng.random() >= 0.5:
+        img, boxes, labels, masks = crop_square(img, boxes, labels, *random_square_crop(*img.shape[-2:], rng), masks)
+    img, boxes, masks = resize_square(img, boxes, size, masks)
+    if rng.random() < flip_p: img, boxes, masks = hflip(img, boxes, masks)
+    return img, boxes, labels, masks
 
 # %% ../nbs/11_data.ipynb #c070
-def detr_target(boxes:torch.Tensor, labels:torch.Tensor, size:int, orig_hw, image_id:int) -> dict:
-    "The target of one image: boxes `xyxy` in a `size`² image → normalised `cxcywh`, labels, original (h, w), dataset index."
+def detr_target(boxes:torch.Tensor, labels:torch.Tensor, size:int, orig_hw, image_id:int, masks=None) -> dict:
+    "The target of one image: boxes `xyxy` in a `size`² image → normalised `cxcywh`, labels, original (h, w), dataset index, `masks`."
     return {'boxes': box_convert(boxes.float(), 'xyxy', 'cxcywh') / size, 'labels': labels.long(),
-            'orig_size': torch.tensor(tuple(orig_hw), dtype=torch.int64), 'image_id': torch.tensor(image_id, dtype=torch.int64)}
+            'orig_size': torch.tensor(tuple(orig_hw), dtype=torch.int64), 'image_id': torch.tensor(image_id, dtype=torch.int64),
+            **({} if masks is None else {'masks': masks})}
 
 class DetectionItems:
     "Item `i` (or `(i, seed)`) of `ds` as `(TensorImage uint8 [3,size,size], target)`, augmented when `train`."
@@ -488,10 +565,11 @@ class DetectionItems:
         _, bgr, det = self.ds[i]
         img = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)    # [3,H,W] uint8
         boxes, labels, orig = torch.tensor(det.xyxy, dtype=torch.float32).view(-1, 4), torch.tensor(det.class_id), img.shape[-2:]
-        if self.train: img, boxes, labels = augment(img, boxes, labels, self.size, random.Random(seed), self.scale_jitter, self.flip_p)
-        else: img, boxes = resize_square(img, boxes, self.size)
+        masks = None if det.mask is None else torch.from_numpy(det.mask)                    # [N,H,W] bool
+        if self.train: img, boxes, labels, masks = augment(img, boxes, labels, self.size, random.Random(seed), self.scale_jitter, self.flip_p, masks)
+        else: img, boxes, masks = resize_square(img, boxes, self.size, masks)
         img = torch.from_numpy(np.ascontiguousarray(img.numpy()))   # plain [3,H,W] memory order: numpy transposes uint8 ~15× faster
-        return TensorImage(img), detr_target(boxes, labels, self.size, orig, i)
+        return TensorImage(img), detr_target(boxes, labels, self.size, orig, i, masks)
 
 # %% ../nbs/11_data.ipynb #c075
 class DetrDL(TfmdDL):
@@ -504,13 +582,14 @@ class DetrDL(TfmdDL):
         return TensorImage(x), list(ys)
 
     def show_batch(self, b=None, max_n:int=9, ctxs=None, **kwargs):
-        "Show up to `max_n` images of batch `b` (default: a new one) with their boxes and class names; `kwargs` go to `get_grid`."
+        "Show up to `max_n` images of batch `b` (default: a new one) with their boxes, class names and masks; `kwargs` go to `get_grid`."
         x, y = self.one_batch() if b is None else b
         imgs = self.after_batch.decode((TensorImage(x),))[0].cpu()                          # [B,3,H,W] 0..255
         n = min(max_n, len(y))
         for img, t, ctx in zip(imgs[:n], y[:n], ctxs or get_grid(n, **kwargs)):
             wh = torch.tensor(img.shape[-2:]).flip(0).repeat(2)                                  # (w, h, w, h)
-            show_boxes(img, box_convert(t['boxes'].cpu(), 'cxcywh', 'xyxy') * wh, [self.classes[l] for l in t['labels'].tolist()], ctx=ctx)
+            show_boxes(img, box_convert(t['boxes'].cpu(), 'cxcywh', 'xyxy') * wh, [self.classes[l] for l in t['labels'].tolist()], ctx=ctx,
+                       masks=t['masks'].cpu() if 'masks' in t else None)
 
 # %% ../nbs/11_data.ipynb #c076
 class DetrDataLoaders(DataLoaders):
@@ -522,7 +601,7 @@ class DetrDataLoaders(DataLoaders):
 
 def background_share(ds:sv.DetectionDataset) -> float:
     "The fraction of the images of `ds` that have no box."
-    return sum(len(d) == 0 for d in ds.annotations.values()) / max(len(ds), 1)
+    return sum(len(d) == 0 for d in box_annotations(ds).values()) / max(len(ds), 1)
 
 def check_objects(ds:sv.DetectionDataset, path):
     "Refuse a train split `ds` without a single box; note one that is mostly background."
@@ -534,10 +613,10 @@ def check_objects(ds:sv.DetectionDataset, path):
 
 def rfdetr_dls(path, bs:int=4, resolution:int=384, block:int=32, multi_scale:bool=True, expanded_scales:bool=True,
                scale_jitter:bool=True, flip_p:float=0.5, num_workers:int=0, val_bs:int|None=None, seed:int|None=None,
-               device=None) -> DetrDataLoaders:
-    "fastai `DataLoaders` of the dataset folder `path` for RF-DETR: batches `(x [B,3,H,W], list of B target dicts)`."
+               device=None, masks:bool=False) -> DetrDataLoaders:
+    "fastai `DataLoaders` of the dataset folder `path` for RF-DETR: batches `(x [B,3,H,W], list of B target dicts)`, with `masks` if asked."
     check_positive_int('bs', bs); check_image_size('resolution', resolution, block)
-    gt = {s: load_dataset(path, s) for s in ('train', 'valid')}
+    gt = {s: load_dataset(path, s, masks) for s in ('train', 'valid')}
     if len(gt['train']) < bs: raise ValueError(f"The train split of {path} has {len(gt['train'])} images, fewer than bs={bs}: "
                                                "use a smaller batch size.")
     check_objects(gt['train'], path)

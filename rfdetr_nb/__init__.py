@@ -13,7 +13,8 @@ import importlib
 
 # Each public name and the module that defines it, imported when the name is first used
 _NAMES = {**dict.fromkeys(['RFDETR', 'RFDETRNano', 'RFDETRSmall', 'RFDETRMedium', 'RFDETRLarge', 'RFDETRBase',
-                           'RFDETRLargeDeprecated'], 'api'),
+                           'RFDETRLargeDeprecated', 'RFDETRSegPreview', 'RFDETRSegNano', 'RFDETRSegSmall', 'RFDETRSegMedium',
+                           'RFDETRSegLarge', 'RFDETRSegXLarge', 'RFDETRSeg2XLarge'], 'api'),
           'predict_tiled': 'tiling', 'coco_eval': 'metrics', 'rfdetr_learner': 'learner',
           'OnnxPredictor': 'export', 'TFLitePredictor': 'export'}
 __all__ = list(_NAMES)

@@ -1,4 +1,4 @@
-"""`RFDETRNano` … `RFDETRLarge`: build a detector, load its weights and `predict` on images — the interface of the `rfdetr` package.
+"""`RFDETRNano` … `RFDETRLarge` and `RFDETRSegNano` … `RFDETRSeg2XLarge`: build a detector, load its weights and `predict` boxes (and masks) on images — the interface of the `rfdetr` package.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/api.html.md"""
 
@@ -16,18 +16,22 @@ from PIL import Image
 import supervision as sv
 from fastcore.basics import patch
 from .config import (ModelConfig, EncoderConfig, TrainConfig, config_with, RFDETRNanoConfig, RFDETRSmallConfig, RFDETRMediumConfig, RFDETRLargeConfig,
-                              RFDETRBaseConfig, RFDETRLargeDeprecatedConfig, check_image_size, check_positive_int, tiny_config)
+                              RFDETRBaseConfig, RFDETRLargeDeprecatedConfig, RFDETRSegPreviewConfig, RFDETRSegNanoConfig,
+                              RFDETRSegSmallConfig, RFDETRSegMediumConfig, RFDETRSegLargeConfig, RFDETRSegXLargeConfig,
+                              RFDETRSeg2XLargeConfig, check_image_size, check_positive_int, tiny_config)
 from .model import LWDETR, PostProcess
-from .checkpoint import load_weights, read_checkpoint, checkpoint_args, checkpoint_state_dict
+from .checkpoint import (load_weights, read_checkpoint, checkpoint_args, checkpoint_state_dict, checkpoint_variant,
+                                  is_segmentation)
 from .weights import maybe_download_pretrained
 
 # %% auto #0
 __all__ = ['COCO_CLASSES', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'METHODS_ELSEWHERE', 'RFDETRNano', 'RFDETRSmall',
-           'RFDETRMedium', 'RFDETRLarge', 'RFDETRBase', 'RFDETRLargeDeprecated', 'VARIANTS', 'class_name_map',
-           'load_image', 'folder_images', 'to_tensor01', 'preprocess', 'check_shape', 'Model', 'default_device',
-           'RFDETR', 'detector_class', 'class_name', 'to_detections', 'source_array', 'check_threshold',
-           'images_to_batch', 'outputs_to_detections', 'tiny_detector', 'resolve_dtype', 'infer_variant',
-           'custom_architecture', 'config_kwargs']
+           'RFDETRMedium', 'RFDETRLarge', 'RFDETRBase', 'RFDETRLargeDeprecated', 'RFDETRSegPreview', 'RFDETRSegNano',
+           'RFDETRSegSmall', 'RFDETRSegMedium', 'RFDETRSegLarge', 'RFDETRSegXLarge', 'RFDETRSeg2XLarge', 'VARIANTS',
+           'class_name_map', 'load_image', 'folder_images', 'to_tensor01', 'preprocess', 'check_shape', 'Model',
+           'default_device', 'RFDETR', 'detector_class', 'class_name', 'to_detections', 'source_array',
+           'check_threshold', 'images_to_batch', 'outputs_to_detections', 'tiny_detector', 'resolve_dtype',
+           'infer_variant', 'custom_architecture', 'config_kwargs']
 
 # %% ../nbs/08_api.ipynb #c005
 COCO_CLASSES = dict(enumerate("""person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant
@@ -169,12 +173,21 @@ RFDETRMedium = _variant_api('RFDETRMedium', RFDETRMediumConfig)
 RFDETRLarge = _variant_api('RFDETRLarge', RFDETRLargeConfig)
 RFDETRBase = _variant_api('RFDETRBase', RFDETRBaseConfig)
 RFDETRLargeDeprecated = _variant_api('RFDETRLargeDeprecated', RFDETRLargeDeprecatedConfig)
+# segmentation: the same class with a mask head (config `segmentation_head=True`); predictions also carry masks
+RFDETRSegPreview = _variant_api('RFDETRSegPreview', RFDETRSegPreviewConfig)
+RFDETRSegNano = _variant_api('RFDETRSegNano', RFDETRSegNanoConfig)
+RFDETRSegSmall = _variant_api('RFDETRSegSmall', RFDETRSegSmallConfig)
+RFDETRSegMedium = _variant_api('RFDETRSegMedium', RFDETRSegMediumConfig)
+RFDETRSegLarge = _variant_api('RFDETRSegLarge', RFDETRSegLargeConfig)
+RFDETRSegXLarge = _variant_api('RFDETRSegXLarge', RFDETRSegXLargeConfig)
+RFDETRSeg2XLarge = _variant_api('RFDETRSeg2XLarge', RFDETRSeg2XLargeConfig)
 
 VARIANTS = {c.size.removeprefix('rfdetr-'): c for c in (RFDETRNano, RFDETRSmall, RFDETRMedium, RFDETRLarge, RFDETRBase,
-                                                        RFDETRLargeDeprecated)}
+                                                        RFDETRLargeDeprecated, RFDETRSegPreview, RFDETRSegNano, RFDETRSegSmall,
+                                                        RFDETRSegMedium, RFDETRSegLarge, RFDETRSegXLarge, RFDETRSeg2XLarge)}
 
 def detector_class(name:str) -> type:
-    "The detector class of a variant name (`'nano'` or `'rfdetr-nano'`)."
+    "The detector class of a variant name (`'nano'`, `'rfdetr-nano'`, `'seg-nano'`)."
     key = str(name).removeprefix('rfdetr-')
     if key not in VARIANTS: raise ValueError(f"Unknown model {name!r}; use one of {', '.join(VARIANTS)}.")
     return VARIANTS[key]
@@ -188,8 +201,9 @@ def to_detections(result:dict, names:dict, threshold:float, source=None) -> sv.D
     "One post-processed image → `sv.Detections` above `threshold`, with class names."
     keep = result['scores'] > threshold
     ids = result['labels'][keep].cpu().numpy()
+    masks = result['masks'][keep].cpu().numpy() if 'masks' in result else None   # [K,h,w] bool
     det = sv.Detections(xyxy=result['boxes'][keep].float().cpu().numpy(), confidence=result['scores'][keep].float().cpu().numpy(),
-                        class_id=ids, data={'class_name': np.array([class_name(names, i) for i in ids], dtype=str)})
+                        class_id=ids, mask=masks, data={'class_name': np.array([class_name(names, i) for i in ids], dtype=str)})
     if source is not None: det.metadata['source_image'] = source
     return det
 
@@ -213,15 +227,15 @@ def images_to_batch(images, shape:tuple[int, int], device='cpu') -> tuple[list[t
 
 def outputs_to_detections(outputs:dict, tensors:list[torch.Tensor], postprocess:PostProcess, names:dict, threshold:float,
                           include_source_image:bool=True) -> list[sv.Detections]:
-    "Network outputs (`pred_logits`, `pred_boxes`) for the images `tensors` → one `sv.Detections` per image."
+    "Network outputs (`pred_logits`, `pred_boxes`[, `pred_masks`]) for the images `tensors` → one `sv.Detections` per image."
     sizes = torch.tensor([t.shape[-2:] for t in tensors], device=outputs['pred_boxes'].device)   # [B,2] (h, w)
     return [to_detections(r, names, threshold, source_array(t) if include_source_image else None)
-            for r, t in zip(postprocess(outputs, sizes), tensors)]
+            for r, t in zip(postprocess(outputs, sizes, threshold), tensors)]
 
 @patch
 @torch.inference_mode()
 def predict(self:RFDETR, images, threshold:float=0.5, shape=None, patch_size=None, include_source_image=True, **kwargs):
-    "Detect objects in one image or a list of images (paths, URLs, PIL, arrays, tensors)."
+    "Detect (and, for a Seg model, segment) objects in one image or a list of images (paths, URLs, PIL, arrays, tensors)."
     if kwargs: raise TypeError(f"predict() got unexpected arguments {sorted(kwargs)}.")
     check_threshold(threshold)
     m = self.model
@@ -287,8 +301,8 @@ def _run_optimized(self:RFDETR, batch:torch.Tensor) -> dict:
     if opt['compile'] and batch.shape[0] != opt['batch_size']:
         raise ValueError(f"The model was compiled for batches of {opt['batch_size']} images, got {batch.shape[0]}: "
                          f"call optimize_for_inference(batch_size={batch.shape[0]}) or compile=False.")
-    boxes, logits = m.inference_model(batch.to(opt['dtype']))
-    return {'pred_boxes': boxes.float(), 'pred_logits': logits.float()}
+    out = m.inference_model(batch.to(opt['dtype']))                          # (boxes, logits[, masks])
+    return dict(zip(('pred_boxes', 'pred_logits', 'pred_masks'), (o.float() for o in out)))
 
 @patch
 def inference(self:RFDETR, *args, **kwargs):
@@ -297,17 +311,14 @@ def inference(self:RFDETR, *args, **kwargs):
 
 # %% ../nbs/08_api.ipynb #c034
 def infer_variant(ckpt:dict, args:dict, path) -> type:
-    "The detector class a checkpoint belongs to: `model_name`, else `args.pretrain_weights`, else the file name."
-    by_name = {c.__name__: c for c in VARIANTS.values()}
-    if ckpt.get('model_name') in by_name: return by_name[ckpt['model_name']]
-    by_file = {c.config_class.pretrained_file: c for c in VARIANTS.values()}
-    fine_tuned_from = Path(str(args.get('pretrain_weights') or '')).name
-    if fine_tuned_from in by_file: return by_file[fine_tuned_from]
-    stem = Path(path).stem.lower().replace('_', '-')
-    for name in sorted(VARIANTS, key=len, reverse=True):            # 'large-deprecated' before 'large'
-        if name in stem: return VARIANTS[name]
-    raise ValueError(f"Could not tell which RF-DETR variant {path} holds (no 'model_name', no known 'pretrain_weights', "
-                     f"no variant in the file name): call e.g. RFDETRSmall.from_checkpoint({str(path)!r}) on the right class.")
+    "The variant class a checkpoint belongs to: `model_name`, else `args.pretrain_weights`, else the file name (of its task)."
+    seg = is_segmentation(checkpoint_state_dict(ckpt), args)
+    cfg_cls = checkpoint_variant(args, path, ckpt.get('model_name'), seg)
+    if cfg_cls is None:
+        raise ValueError(f"Could not tell which RF-DETR variant {path} holds (no 'model_name', no known 'pretrain_weights', "
+                         f"no variant in the file name): call e.g. {'RFDETRSegSmall' if seg else 'RFDETRSmall'}"
+                         f".from_checkpoint({str(path)!r}) on the right class.")
+    return next(c for c in VARIANTS.values() if c.config_class is cfg_cls)
 
 def custom_architecture(ckpt:dict) -> bool:
     "Whether checkpoint `ckpt` holds a model of its own configuration (a `model_config`) rather than one of the variants."

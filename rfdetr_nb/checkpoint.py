@@ -10,14 +10,14 @@ import argparse, re, types, zipfile
 from pathlib import Path
 import torch
 import torch.nn as nn
-from .config import ModelConfig, tiny_config
+from .config import ModelConfig, tiny_config, VARIANT_CONFIGS, SEG_VARIANT_CONFIGS
 from .backbone import interpolate_pos_embed
 from .model import LWDETR
 
 # %% auto #0
 __all__ = ['SAFE_GLOBALS', 'QUERY_KEYS', 'POS_KEY', 'PATCH_KEY', 'OPTIONAL_KEYS', 'read_checkpoint', 'checkpoint_state_dict',
-           'checkpoint_args', 'extra_group', 'slice_queries', 'resize_pos_embed', 'check_compatible', 'fit_state_dict',
-           'load_weights']
+           'checkpoint_args', 'extra_group', 'slice_queries', 'resize_pos_embed', 'is_segmentation',
+           'checkpoint_variant', 'check_compatible', 'fit_state_dict', 'load_weights']
 
 # %% ../nbs/07_checkpoint.ipynb #c005
 SAFE_GLOBALS = [argparse.Namespace, types.SimpleNamespace]
@@ -74,17 +74,41 @@ def resize_pos_embed(pos:torch.Tensor, pe:int) -> torch.Tensor:
     "Position embeddings `[1,1+n²,C]` resized to a `pe × pe` grid."
     return pos if pos.shape[1] == pe * pe + 1 else interpolate_pos_embed(pos, pe, pe)
 
+# %% ../nbs/07_checkpoint.ipynb #k02
+def is_segmentation(sd:dict, args:dict) -> bool:
+    "Whether a checkpoint's weights `sd` (or its `args`) hold a mask head."
+    return bool(args.get('segmentation_head')) or any(k.startswith('segmentation_head.') for k in sd)
+
+def checkpoint_variant(args:dict, path, model_name=None, seg:bool|None=None) -> type|None:
+    "The variant config of a checkpoint (by `model_name`, fine-tuned-from weights, file name) of task `seg`; None if unknown."
+    configs = [c for c in (*VARIANT_CONFIGS.values(), *SEG_VARIANT_CONFIGS.values()) if seg is None or c.segmentation_head == seg]
+    by_name = {c.__name__.removesuffix('Config'): c for c in configs}
+    if model_name in by_name: return by_name[model_name]
+    by_file = {c.pretrained_file: c for c in configs}
+    fine_tuned_from = Path(str(args.get('pretrain_weights') or '')).name
+    if fine_tuned_from in by_file: return by_file[fine_tuned_from]
+    stem = Path(str(path)).stem.lower().replace('_', '-')
+    for c in sorted(configs, key=lambda c: len(c.size), reverse=True):   # 'seg-nano' before 'nano', 'large-deprecated' before 'large'
+        if c.size.removeprefix('rfdetr-') in stem: return c
+    return None
+
+
 # %% ../nbs/07_checkpoint.ipynb #c013
-def check_compatible(sd:dict, args:dict, cfg:ModelConfig, name):
-    "Raise if the checkpoint cannot be loaded into a model of `cfg` (patch size, segmentation)."
-    if args.get('segmentation_head') or any(k.startswith('segmentation_head.') for k in sd):
-        raise ValueError(f"Checkpoint {name} is a segmentation model; rfdetr_nb builds detection models, "
-                         "so use a detection checkpoint.")
+def check_compatible(sd:dict, args:dict, cfg:ModelConfig, name, model_name=None):
+    "Raise if the checkpoint cannot be loaded into a model of `cfg` (task, patch size)."
+    seg = is_segmentation(sd, args)
+    if seg != cfg.segmentation_head:
+        kind, other = ('segmentation', 'detection') if seg else ('detection', 'segmentation')
+        c = checkpoint_variant(args, name, model_name, seg)
+        use = c.__name__.removesuffix('Config') if c else 'an RFDETRSeg… class' if seg else 'a detection class (RFDETRNano …)'
+        raise ValueError(f"Checkpoint {name} holds a {kind} model but this is a {other} model: load it with {use}, "
+                         "or with RFDETR.from_checkpoint, which picks the class.")
     if PATCH_KEY not in sd: raise ValueError(f"Checkpoint {name} has no '{PATCH_KEY}': it is not an RF-DETR checkpoint.")
     p = args.get('patch_size') or sd[PATCH_KEY].shape[-1]
     if p != cfg.patch_size:
         raise ValueError(f"Checkpoint {name} has patch size {p} but the model has {cfg.patch_size}: "
                          "use the model class the checkpoint was trained with.")
+
 
 # %% ../nbs/07_checkpoint.ipynb #c014
 def fit_state_dict(sd:dict, args:dict, model:LWDETR) -> dict:
@@ -100,7 +124,7 @@ def load_weights(model:LWDETR, path, num_classes_given:bool=True) -> dict:
     "Load checkpoint `path` into `model` (adapting heads, queries, positions); returns the checkpoint's args."
     ckpt = read_checkpoint(path)
     sd, args = checkpoint_state_dict(ckpt), checkpoint_args(ckpt)
-    check_compatible(sd, args, model.cfg, path)
+    check_compatible(sd, args, model.cfg, path, ckpt.get('model_name'))
     wanted = model.cfg.num_classes + 1
     slots = sd['class_embed.bias'].shape[0] if 'class_embed.bias' in sd else wanted
     if slots < wanted and not num_classes_given: wanted = slots

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.ops import box_convert
 from .config import ModelConfig, tiny_config
 from .backbone import WindowedDinov2, freeze_positions
@@ -17,7 +18,7 @@ from .transformer import Transformer, TransformerOutput, MLP, apply_box_delta
 from .segmentation import SegmentationHead
 
 # %% auto #0
-__all__ = ['DinoV2', 'Backbone', 'class_head', 'box_head', 'LWDETR', 'PostProcess']
+__all__ = ['MASK_CHUNK_PIXELS', 'DinoV2', 'Backbone', 'class_head', 'box_head', 'LWDETR', 'upsample_masks', 'PostProcess']
 
 # %% ../nbs/05_model.ipynb #c005
 class DinoV2(nn.Module):
@@ -112,15 +113,27 @@ class LWDETR(nn.Module):
         self.cfg.num_classes = num_slots - 1
 
 # %% ../nbs/05_model.ipynb #c016
+MASK_CHUNK_PIXELS = 2**24   # float pixels resized at once (64 MiB), whatever the image size
+
+def upsample_masks(logits:torch.Tensor, size:tuple[int, int]) -> torch.Tensor:
+    "Mask logits `[K,Hm,Wm]` → bool masks `[K,h,w]` (bilinear, > 0), resized a chunk at a time."
+    h, w = size
+    out = torch.empty(len(logits), h, w, dtype=torch.bool, device=logits.device)
+    step = max(1, MASK_CHUNK_PIXELS // (h * w))
+    for i in range(0, len(logits), step):
+        up = F.interpolate(logits[i:i + step, None], size=(h, w), mode='bilinear', align_corners=False)   # [k,1,h,w]
+        torch.gt(up[:, 0], 0, out=out[i:i + step])
+    return out
+
 class PostProcess(nn.Module):
-    "Model outputs → per-image `scores`, `labels`, `boxes` (xyxy, original pixels) and source `queries`, best `num_select` first."
+    "Model outputs → per-image `scores`, `labels`, `boxes` (xyxy, original pixels), source `queries` (and `masks`), best `num_select` first."
     def __init__(self, num_select=300):
         super().__init__()
         self.num_select = num_select
 
     @torch.no_grad()
-    def forward(self, outputs:dict, target_sizes:torch.Tensor) -> list[dict]:
-        "`target_sizes` `[B,2]` holds each original image's (height, width)."
+    def forward(self, outputs:dict, target_sizes:torch.Tensor, threshold:float|None=None) -> list[dict]:
+        "`target_sizes` `[B,2]` holds each original image's (height, width); with `threshold`, only scores above it are kept."
         logits, boxes = outputs['pred_logits'], outputs['pred_boxes']
         C = logits.shape[-1]
         prob = logits.sigmoid().flatten(1)                                            # [B,Q·C]
@@ -130,4 +143,9 @@ class PostProcess(nn.Module):
         h, w = target_sizes.to(xyxy).unbind(1)
         scale = torch.stack([w, h, w, h], dim=1)[:, None]                             # [B,1,4]
         xyxy = torch.minimum((xyxy * scale).clamp(min=0), scale)
-        return [{'scores': s, 'labels': l, 'boxes': b, 'queries': q} for s, l, b, q in zip(scores, idx % C, xyxy, idx // C)]
+        res = [{'scores': s, 'labels': l, 'boxes': b, 'queries': q} for s, l, b, q in zip(scores, idx % C, xyxy, idx // C)]
+        if threshold is not None: res = [{k: v[r['scores'] > threshold] for k, v in r.items()} for r in res]
+        if 'pred_masks' in outputs:                                                   # [B,Q,Hm,Wm] logits
+            for r, m, hw in zip(res, outputs['pred_masks'], target_sizes.tolist()): r['masks'] = upsample_masks(m[r['queries']], hw)
+        return res
+

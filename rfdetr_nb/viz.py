@@ -34,11 +34,12 @@ def text_colours(palette:sv.ColorPalette=sv.ColorPalette.DEFAULT) -> sv.ColorPal
     return sv.ColorPalette([sv.Color.BLACK if .299 * c.r + .587 * c.g + .114 * c.b > 150 else sv.Color.WHITE
                             for c in palette.colors])
 
-def annotate(image, det:sv.Detections, boxes:bool=True, labels:bool=True) -> Image.Image:
-    "A copy of `image` (PIL or HWC uint8 array) with `det`'s boxes and `name score` labels drawn."
+def annotate(image, det:sv.Detections, boxes:bool=True, labels:bool=True, masks:bool=True) -> Image.Image:
+    "A copy of `image` (PIL or HWC uint8 array) with `det`'s masks (if any), boxes and `name score` labels drawn."
     scene = image.convert('RGB') if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     wh = scene.size                         # supervision draws on a PIL image in RGB; on an array it would assume BGR
     thickness = sv.calculate_optimal_line_thickness(wh)
+    if masks and det.mask is not None: scene = sv.MaskAnnotator(opacity=.5).annotate(scene, det)
     if boxes: scene = sv.BoxAnnotator(thickness=thickness).annotate(scene, det)
     if labels and len(det):
         text = [f"{n} {c:.2f}" for n, c in zip(class_names_of(det), det.confidence)]
@@ -102,16 +103,17 @@ class DetectionViewer:
         self.classes = widgets.VBox(layout=widgets.Layout(max_height='180px', overflow='auto'))
         self.show_boxes = widgets.Checkbox(value=True, description='boxes')
         self.show_labels = widgets.Checkbox(value=True, description='labels')
+        self.show_masks = widgets.Checkbox(value=True, description='masks')
         self.image = widgets.Image(format='png', layout=widgets.Layout(max_width=f'{width}px'))   # never upscaled
         self.table = widgets.HTML(layout=widgets.Layout(max_height='320px', overflow='auto'))
         self.prev_button.on_click(lambda _: self.prev())
         self.next_button.on_click(lambda _: self.next())
         self.all_button.on_click(lambda _: self.select_classes(None))
         self.none_button.on_click(lambda _: self.select_classes([]))
-        for w in (self.threshold, self.show_boxes, self.show_labels): w.observe(self._changed, 'value')
+        for w in (self.threshold, self.show_boxes, self.show_labels, self.show_masks): w.observe(self._changed, 'value')
         self.widget = widgets.VBox([
             widgets.HBox([self.prev_button, self.next_button, self.position, self.busy]),
-            widgets.HBox([widgets.VBox([self.threshold, self.show_boxes, self.show_labels]),
+            widgets.HBox([widgets.VBox([self.threshold, self.show_boxes, self.show_labels, self.show_masks]),
                           widgets.VBox([widgets.HBox([self.all_button, self.none_button]), self.classes])]),
             self.image, self.table])
         self._load()
@@ -190,8 +192,9 @@ def current_detections(self:DetectionViewer) -> sv.Detections:
 
 @patch
 def render(self:DetectionViewer) -> Image.Image:
-    "The current image annotated with `current_detections`, boxes and labels as the checkboxes say."
-    return annotate(self.current_image, self.current_detections, boxes=self.show_boxes.value, labels=self.show_labels.value)
+    "The current image annotated with `current_detections`, boxes, labels and masks as the checkboxes say."
+    return annotate(self.current_image, self.current_detections, boxes=self.show_boxes.value, labels=self.show_labels.value,
+                    masks=self.show_masks.value)
 
 @patch
 def snapshot(self:DetectionViewer, width:int|None=None) -> Image.Image:
@@ -272,11 +275,11 @@ def attention_points(rf, image, threshold:float=0.5, layer:int=-1) -> list[Atten
         out = m.model(preprocess([t.to(m.device)], (m.resolution, m.resolution)))
     loc, weights = attn.sampling(*calls[0][:2])                               # [1,Q,H,L,P,2], [1,Q,H,L,P]
     loc = loc * loc.new_tensor([w, h])                                        # original pixels
-    res = m.postprocess(out, torch.tensor([[h, w]], device=m.device))[0]
+    res = m.postprocess(out, torch.tensor([[h, w]], device=m.device), threshold)[0]     # the detections above `threshold`
     names = rf.class_id_names
     return [Attention(int(q), int(c), class_name(names, c), float(s), b.float().cpu().numpy(),
                       loc[0, q].float().cpu().numpy(), weights[0, q].float().cpu().numpy())
-            for q, c, s, b in zip(res['queries'], res['labels'], res['scores'], res['boxes']) if s > threshold]
+            for q, c, s, b in zip(res['queries'], res['labels'], res['scores'], res['boxes'])]
 
 # %% ../nbs/09_viz.ipynb #c046
 def zoom_window(box, zoom:float=2.) -> tuple[int, int, int, int]:

@@ -497,8 +497,10 @@ def show_boxes(image, xyxy, names=None, ctx=None, text_size:int=8, masks=None, *
     "Show `image` (HWC or CHW) on the matplotlib axis `ctx` with boxes `xyxy [N,4]` in pixels, labelled by `names`, and `masks [N,H,W]` tinted."
     ctx = show_image(image, ctx=ctx, **kwargs)
     if masks is not None and len(masks):
-        tint = (np.asarray(masks)[..., None] * colormaps['tab10'](np.arange(len(masks)) % 10)[:, None, None]).max(0)   # [H,W,4] RGBA
-        ctx.imshow(tint * [1, 1, 1, 0.45])
+        masks, colours = np.asarray(masks), colormaps['tab10'](np.arange(len(masks)) % 10)        # [N,H,W], [N,4] RGBA
+        ctx.imshow((masks[..., None] * colours[:, None, None]).max(0) * [1, 1, 1, 0.45])             # [H,W,4] tint
+        for m, c in zip(masks, colours):
+            if m.any(): ctx.contour(m, levels=[0.5], colors=[c], linewidths=1.5)                     # and outline
     boxes = TensorBBox(torch.as_tensor(np.asarray(xyxy, np.float32)).view(-1, 4))
     for b, n in zip(boxes, names if names is not None else [None] * len(boxes)): b.show(ctx=ctx, text=n, text_size=text_size)
     return ctx

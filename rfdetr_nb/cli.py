@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, json, math
 from pathlib import Path
 from tqdm.auto import tqdm
-from .config import VARIANT_CONFIGS, EXPORT_FORMATS, QUANTIZATIONS, check_image_size
+from .config import VARIANT_CONFIGS, SEG_VARIANT_CONFIGS, EXPORT_FORMATS, QUANTIZATIONS, check_image_size
 # The floors below (PyTorch, fastai, ONNX Runtime, …) are imported inside the commands that need them, so that
 # `rfdetr-nb --help` and every usage error answer at once.
 
@@ -44,9 +44,13 @@ def output_names(paths) -> list[str]:
     return names
 
 def detections_to_json(det) -> list[dict]:
-    "One image's detections as JSON-ready dicts."
-    return [{'class_id': int(c), 'class_name': str(n), 'confidence': round(float(s), 4), 'xyxy': [round(float(v), 2) for v in b]}
+    "One image's detections as JSON-ready dicts (with a segmentation model's masks as COCO RLE)."
+    rows = [{'class_id': int(c), 'class_name': str(n), 'confidence': round(float(s), 4), 'xyxy': [round(float(v), 2) for v in b]}
             for b, c, n, s in zip(det.xyxy, det.class_id, det.data['class_name'], det.confidence)]
+    if det.mask is not None:
+        from rfdetr_nb.metrics import rle
+        for row, m in zip(rows, det.mask): row['mask'] = rle(m)
+    return rows
 
 # %% ../nbs/16_cli.ipynb #c011
 def _check_no_overwrite(paths, targets):
@@ -86,7 +90,7 @@ def load_detector(model:str, weights:str|None=None, device:str|None=None, from_s
     return detector_class(model)(**kwargs)
 
 # %% ../nbs/16_cli.ipynb #c017
-MODELS = [size.removeprefix('rfdetr-') for size in VARIANT_CONFIGS]
+MODELS = [size.removeprefix('rfdetr-') for size in {**VARIANT_CONFIGS, **SEG_VARIANT_CONFIGS}]
 
 class UsageError(ValueError):
     "A mistake in the command's arguments: `main` shows the usage line and exits with status 2."

@@ -1,4 +1,4 @@
-"""Read detection datasets (Roboflow COCO, YOLO, COCO 2017) as `supervision` datasets, make a small synthetic one, and feed RF-DETR training through fastai `DataLoaders`.
+"""Read detection datasets (Roboflow COCO, YOLO, COCO 2017), with masks when asked, as `supervision` datasets, make a small synthetic one, and feed RF-DETR training through fastai `DataLoaders`.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/data.html.md"""
 

@@ -57,3 +57,24 @@ def test_task_mismatch_errors(seg_nano_ckpt, tmp_path):
     det = str(save_official(ref, ns, tmp_path / 'nano.pth'))
     with pytest.raises(ValueError, match='holds a detection model but this is a segmentation model: load it with RFDETRNano'):
         rfdetr_nb.RFDETRSegNano(pretrain_weights=det, device='cpu')
+
+def test_seg_small_all_queries_match_reference(tmp_path):
+    "SegSmall (384 px, 100 queries) at threshold 0: every selected mask pixel-identical."
+    import rfdetr
+    ref_model, ns = reference_model('seg_small')
+    path = str(save_official(ref_model, ns, tmp_path / 'seg_small.pth'))
+    ref, ours = rfdetr.RFDETRSegSmall(pretrain_weights=path, device='cpu'), rfdetr_nb.RFDETR.from_checkpoint(path, device='cpu')
+    assert type(ours) is rfdetr_nb.RFDETRSegSmall
+    im = images()[1]
+    a, b = ref.predict(im, threshold=0.0), ours.predict(im, threshold=0.0)
+    assert len(b) == 100
+    assert_same_masks(a, b)
+
+def test_saved_seg_model_reloads(seg_nano_pair, tmp_path):
+    "A Seg model written by export_for_roboflow comes back as its class (by `model_name`) with the same predictions."
+    _, ours = seg_nano_pair
+    path = ours.export_for_roboflow(tmp_path) / 'weights.pt'
+    back = rfdetr_nb.RFDETR.from_checkpoint(path, device='cpu')
+    assert type(back) is rfdetr_nb.RFDETRSegNano
+    im = images()[0]
+    assert_same_masks(ours.predict(im, threshold=0.02), back.predict(im, threshold=0.02))

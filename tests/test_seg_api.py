@@ -78,3 +78,12 @@ def test_saved_seg_model_reloads(seg_nano_pair, tmp_path):
     assert type(back) is rfdetr_nb.RFDETRSegNano
     im = images()[0]
     assert_same_masks(ours.predict(im, threshold=0.02), back.predict(im, threshold=0.02))
+
+@pytest.mark.parametrize('compile', [False, True])
+def test_seg_optimized_predict_matches_reference(seg_nano_pair, compile):
+    "The optimised (export-mode, optionally traced) Seg model gives the reference's masks too."
+    ref, ours = seg_nano_pair
+    im = images()[0]
+    ours.optimize_for_inference(compile=compile, dtype='float32')
+    try: assert_same_masks(ref.predict(im, threshold=0.02), ours.predict(im, threshold=0.02))
+    finally: ours.remove_optimized_model()

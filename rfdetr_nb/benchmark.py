@@ -1,4 +1,4 @@
-"""Eval-forward and `predict` latency, forward memory, ONNX Runtime latency (float32 and int8), and the training step of rfdetr_nb against the reference `rfdetr` on the same weights.
+"""Eval-forward and `predict` latency, forward memory, ONNX Runtime and OpenVINO latency (float32, bfloat16, int8), and the training step of rfdetr_nb against the reference `rfdetr` on the same weights.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/benchmark.html.md"""
 
@@ -16,16 +16,16 @@ import itertools
 from .config import VARIANT_CONFIGS, TrainConfig, ModelConfig, variant_config
 from .model import LWDETR
 from .api import detector_class
-from .export import calibration_inputs, onnx_session, quantize_onnx
+from .export import OpenVinoPredictor, calibration_inputs, export_openvino, onnx_session, quantize_onnx, read_metadata
 from .loss import DetrLoss
 from .learner import ScaledAdamW, scaled_param_groups, training_recipe, cpu_has_bf16
 
 # %% auto #0
 __all__ = ['OPTIMIZED', 'TRAIN_SETTINGS', 'median_times', 'random_checkpoint', 'build_detector', 'reference_available', 'rss_mb',
            'peak_growth_mb', 'forward_peak_mb', 'peak_mb_subprocess', 'forward_peak_mb_subprocess', 'time_detectors',
-           'onnx_files', 'time_onnx', 'onnx_profile', 'train_batches', 'our_optimizer', 'reference_criterion',
-           'reference_optimizer', 'training_step', 'train_step_of', 'train_settings', 'time_training', 'train_peak_mb',
-           'train_main', 'report', 'main']
+           'onnx_files', 'openvino_files', 'time_onnx', 'onnx_profile', 'train_batches', 'our_optimizer',
+           'reference_criterion', 'reference_optimizer', 'training_step', 'train_step_of', 'train_settings',
+           'time_training', 'train_peak_mb', 'train_main', 'report', 'main']
 
 # %% ../nbs/17_benchmark.ipynb #c005
 def median_times(fns:dict, warmup:int=3, runs:int=10, clock=time.perf_counter) -> dict:
@@ -137,12 +137,22 @@ def onnx_files(size:str, weights, folder, reference:bool=True) -> dict[str, Path
             finally: logging.disable(logging.NOTSET)
     return files
 
-def time_onnx(size:str, weights, folder, warmup:int, runs:int, threads:int=2, reference:bool=True) -> dict:
-    "Median ms of a batch-1 forward: ONNX Runtime on each of `onnx_files` and the reference's eager PyTorch, in turns."
+def openvino_files(path) -> dict[str, Path]:
+    "OpenVINO float32, bfloat16 and int8 files of our ONNX file `path`, beside it (int8 calibrated on random images)."
+    shape = tuple(read_metadata(path)['input_shape'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')                  # random calibration images: fine for timing
+        return {f'ov_{q}': export_openvino(path, q, calibration_inputs(None, shape, 8) if q == 'int8' else None, verbose=False)
+                for q in ('fp32', 'bf16', 'int8')}
+
+def time_onnx(size:str, weights, folder, warmup:int, runs:int, threads:int=2, reference:bool=True, openvino:bool=False) -> dict:
+    "Median ms of a batch-1 forward: ONNX Runtime on each of `onnx_files` (OpenVINO on `openvino_files`) and the reference's eager PyTorch, in turns."
     files = onnx_files(size, weights, folder, reference)
     R = variant_config(size).resolution
     x = torch.randn(1, 3, R, R, generator=torch.Generator().manual_seed(0))
     fns = {k: (lambda s=onnx_session(p, threads): s.run(None, {'input': x.numpy()})) for k, p in files.items()}
+    if openvino:
+        fns |= {k: (lambda r=OpenVinoPredictor(p, threads).run: r(x.numpy())) for k, p in openvino_files(files['ort_fp32']).items()}
     if reference:
         net = build_detector('reference', size, weights).model.model.eval()
         fns['reference_forward'] = lambda: net(x)
@@ -273,10 +283,10 @@ def train_main(size:str, runs:int, warmup:int, memory:bool, batch_size:int, cpu_
     return res
 
 # %% ../nbs/17_benchmark.ipynb #c015
-def report(name:str, ours:float, ref:float|None, unit:str) -> str:
-    "One result line, with the ratio to the reference when there is one."
+def report(name:str, ours:float, ref:float|None, unit:str, against:str='reference') -> str:
+    "One result line, with the ratio to the reference (or what `against` names) when there is one."
     line = f"{name:<22} rfdetr_nb {ours:9.1f} {unit}"
-    return line + (f"   reference {ref:9.1f} {unit}   ratio {ours / ref:5.2f}" if ref else "")
+    return line + (f"   {against} {ref:9.1f} {unit}   ratio {ours / ref:5.2f}" if ref else "")
 
 @call_parse
 def main(model:str=None,          # variant: nano, small, medium, large, base or large-deprecated (default: small; nano with --train)
@@ -287,6 +297,7 @@ def main(model:str=None,          # variant: nano, small, medium, large, base or
          optimized:bool=False,    # also time `predict()` after `inference()`: float32 traced, and bfloat16 traced
          memory:bool=False,       # also measure forward peak memory (fresh processes)
          onnx:bool=False,         # also time ONNX Runtime (2 threads): our float32 and int8 files, the reference's ONNX file
+         openvino:bool=False,     # also time OpenVINO (2 threads): our ONNX file as float32, bfloat16 and int8 IR, with --onnx's files
          train:bool=False,        # time a training step instead (with --memory: its peak memory); see the notebook
          batch_size:int=2,        # training batch size (--train)
          cpu_time:bool=False,     # time --train by process CPU time, not wall time (for a loaded machine; with --threads 1)
@@ -307,13 +318,17 @@ def main(model:str=None,          # variant: nano, small, medium, large, base or
                              warmup, runs, predict, optimized)
         if memory:
             for impl in res: res[impl]['forward_peak_mb'] = forward_peak_mb_subprocess(impl, size, w)
-        if onnx: ort = time_onnx(size, w, d, warmup, runs, threads=2, reference=use_ref)
+        if onnx or openvino: ort = time_onnx(size, w, d, warmup, runs, threads=2, reference=use_ref, openvino=openvino)
     for key in res['ours']:
         print(report(key, res['ours'][key], res.get('reference', {}).get(key), 'MiB' if key.endswith('_mb') else 'ms'))
     if onnx:
         print("ONNX Runtime, 2 threads, in turns with the reference's eager forward (2 threads):")
         print(report('ort_fp32 / ref ORT', ort['ort_fp32'], ort.get('reference_ort_fp32'), 'ms'))
         print(report('ort_int8 / ref eager', ort['ort_int8'], ort.get('reference_forward'), 'ms'))
-        res['onnx'] = ort
+    if openvino:
+        print("OpenVINO, 2 threads, in the same turns:")
+        print(report('ov_fp32 / our ORT fp32', ort['ov_fp32'], ort['ort_fp32'], 'ms', against='our ORT'))
+        for q in ('fp32', 'bf16', 'int8'): print(report(f'ov_{q} / ref eager', ort[f'ov_{q}'], ort.get('reference_forward'), 'ms'))
+    if onnx or openvino: res['onnx'] = ort
     if json_out: Path(json_out).write_text(json.dumps({'model': size, 'threads': torch.get_num_threads(), **res}, indent=2))
     return res

@@ -20,7 +20,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 import supervision as sv
 from fastcore.basics import patch
 from . import __version__
-from .config import check_positive_int
+from .config import EXPORT_FORMATS, QUANTIZATIONS, check_positive_int
 from .backbone import fast_kernels
 from .model import PostProcess
 from .api import (RFDETR, check_shape, check_threshold, class_name_map, images_to_batch, outputs_to_detections,
@@ -30,12 +30,14 @@ from .data import load_dataset
 from .metrics import evaluate
 
 # %% auto #0
-__all__ = ['EXPORT_FORMATS', 'QUANTIZATIONS', 'OPSETS', 'QUANTIZED_OPS', 'TFLITE_OPSET', 'BackboneFeatures', 'export_network',
-           'check_export_args', 'export_metadata', 'decode_metadata', 'read_metadata', 'output_names', 'write_onnx',
-           'calibration_inputs', 'weight_nodes', 'quiet_logging', 'int8_path', 'quantize_onnx', 'sample_input',
-           'export_path', 'onnx_session', 'max_abs_errors', 'ExportedPredictor', 'OnnxPredictor', 'tflite_paths',
-           'quiet_converter', 'tflite_converter', 'tflite_runner', 'run_tflite', 'fold_static', 'convert_float',
-           'quantize_tflite', 'export_tflite', 'TFLitePredictor', 'export_accuracy']
+__all__ = ['OPSETS', 'QUANTIZED_OPS', 'TFLITE_OPSET', 'OPENVINO_HINTS', 'BackboneFeatures', 'export_network',
+           'check_quantization', 'check_export_args', 'export_metadata', 'decode_metadata', 'read_metadata',
+           'output_names', 'write_onnx', 'calibration_inputs', 'calibration_batches', 'weight_nodes', 'quiet_logging',
+           'int8_path', 'quantize_onnx', 'sample_input', 'export_path', 'onnx_session', 'max_abs_errors',
+           'ExportedPredictor', 'OnnxPredictor', 'tflite_paths', 'quiet_converter', 'tflite_converter', 'tflite_runner',
+           'run_tflite', 'fold_static', 'convert_float', 'quantize_tflite', 'export_tflite', 'TFLitePredictor',
+           'openvino_paths', 'openvino_runtime', 'openvino_metadata', 'quantize_openvino', 'export_openvino',
+           'openvino_config', 'OpenVinoPredictor', 'file_mb', 'export_accuracy']
 
 # %% ../nbs/15_export.ipynb #c005
 class BackboneFeatures(nn.Module):
@@ -51,18 +53,20 @@ def export_network(rf:RFDETR, shape:tuple[int, int], backbone_only:bool=False) -
     return BackboneFeatures(net).eval() if backbone_only else net
 
 # %% ../nbs/15_export.ipynb #c009
-EXPORT_FORMATS = ('onnx', 'tflite')
-QUANTIZATIONS = {'onnx': (None, 'fp32', 'int8', 'int8-dynamic'), 'tflite': (None, 'fp32', 'fp16', 'int8')}
 OPSETS = range(16, 21)   # GridSample needs 16; PyTorch's TorchScript exporter stops at 20
 
 def _choices(values) -> str: return ', '.join(map(repr, values))
+
+def check_quantization(format:str, quantization):
+    "Raise a `ValueError` listing `format`'s choices if it has no `quantization` of that name."
+    if quantization not in QUANTIZATIONS[format]:
+        raise ValueError(f"Unknown quantization {quantization!r} for format {format!r}; use one of {_choices(QUANTIZATIONS[format])}.")
 
 def check_export_args(rf:RFDETR, shape=None, patch_size=None, format='onnx', quantization=None, opset_version=17,
                       batch_size=1, dynamic_batch=False, max_images=100) -> tuple[int, int]:
     "Raise a clear `ValueError` for any argument `RFDETR.export` cannot honour; returns the export shape (h, w)."
     if format not in EXPORT_FORMATS: raise ValueError(f"Unknown export format {format!r}; use one of {_choices(EXPORT_FORMATS)}.")
-    if quantization not in QUANTIZATIONS[format]:
-        raise ValueError(f"Unknown quantization {quantization!r} for format {format!r}; use one of {_choices(QUANTIZATIONS[format])}.")
+    check_quantization(format, quantization)
     cfg = rf.model.model.cfg
     if patch_size is not None and patch_size != cfg.patch_size:
         raise ValueError(f"patch_size={patch_size!r} does not match the model's patch size {cfg.patch_size}.")
@@ -151,6 +155,10 @@ def calibration_inputs(data, shape:tuple[int, int], max_images:int=100, seed:int
         data = np.random.default_rng(seed).random((min(max_images, 8), *shape, 3), dtype=np.float32)
     return images_to_batch(_calibration_images(data, max_images), shape)[1].numpy()
 
+def calibration_batches(x:np.ndarray, batch_size:int) -> list[np.ndarray]:
+    "The inputs `x` `[N,…]` in batches of a file's fixed `batch_size`, the last one filled up from the first inputs."
+    return [x.take(range(i, i + batch_size), axis=0, mode='wrap') for i in range(0, len(x), batch_size)]
+
 # %% ../nbs/15_export.ipynb #c019
 QUANTIZED_OPS = ('MatMul', 'Gemm', 'Conv')
 
@@ -209,7 +217,7 @@ def export_path(rf:RFDETR, output_dir, backbone_only:bool=False) -> Path:
 def export(self:RFDETR, output_dir="output", infer_dir=None, backbone_only:bool=False, opset_version:int=17, verbose:bool=True,
            shape=None, batch_size:int=1, dynamic_batch:bool=False, patch_size=None, format:str="onnx", quantization=None,
            calibration_data=None, max_images:int=100, *, notes=None) -> Path:
-    "Export the detector to `<output_dir>/<size>.onnx` (and its int8 or TFLite form); returns the file asked for."
+    "Export the detector to `<output_dir>/<size>.onnx` (and its int8, TFLite or OpenVINO form); returns the file asked for."
     shape = check_export_args(self, shape, patch_size, format, quantization, opset_version, batch_size, dynamic_batch, max_images)
     static_int8 = quantization == 'int8'
     calibration = calibration_inputs(calibration_data, shape, max_images) if static_int8 else None
@@ -222,6 +230,8 @@ def export(self:RFDETR, output_dir="output", infer_dir=None, backbone_only:bool=
     if verbose: print(f"Exported {path} ({shape[0]}×{shape[1]}, batch {'dynamic' if dynamic_batch else batch_size})")
     if format == 'tflite':
         return export_tflite(path, quantization=quantization, calibration=calibration, verbose=verbose)
+    if format == 'openvino':
+        return export_openvino(path, quantization=quantization, calibration=calibration, verbose=verbose)
     if quantization in ('int8', 'int8-dynamic'):
         path = quantize_onnx(path, calibration, dynamic=quantization == 'int8-dynamic')
         if verbose: print(f"Quantised to {path}")
@@ -302,8 +312,8 @@ def tflite_paths(path) -> dict[str, Path]:
     path = Path(path)
     return {q: path.with_name(f'{path.stem}.{q}.tflite') for q in ('fp32', 'fp16', 'int8')}
 
-def _missing_extra(e:ImportError) -> ImportError:
-    return ImportError(f"TFLite export needs onnx2tf, TensorFlow and LiteRT ({e.name} is missing): pip install 'rfdetr-nb[export]'")
+def _missing_extra(e:ImportError, what:str="TFLite export needs onnx2tf, TensorFlow and LiteRT", extra:str='export') -> ImportError:
+    return ImportError(f"{what} ({e.name} is missing): pip install 'rfdetr-nb[{extra}]'")
 
 @contextlib.contextmanager
 def quiet_converter(log=os.devnull):
@@ -377,16 +387,15 @@ def quantize_tflite(saved_model, calibration:np.ndarray, out, output_names:list[
     conv = tf.lite.TFLiteConverter.from_concrete_functions([named.get_concrete_function()], model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]  # float where no int8 kernel
-    x, b = np.ascontiguousarray(calibration.transpose(0, 2, 3, 1), dtype=np.float32), spec.shape[0]         # NHWC batches of b
-    conv.representative_dataset = lambda: ([x.take(range(i, i + b), axis=0, mode='wrap')] for i in range(0, len(x), b))
+    x = np.ascontiguousarray(calibration.transpose(0, 2, 3, 1), dtype=np.float32)                        # NHWC
+    conv.representative_dataset = lambda: ([b] for b in calibration_batches(x, spec.shape[0]))
     with quiet_converter(): Path(out).write_bytes(conv.convert())
     return Path(out)
 
 # %% ../nbs/15_export.ipynb #c063
 def export_tflite(path, quantization=None, calibration:np.ndarray|None=None, verbose:bool=True) -> Path:
     "Convert the ONNX file `path` to TFLite files beside it (fp32, fp16, and int8 calibrated on inputs `calibration` `[N,3,H,W]` if `quantization='int8'`); returns the one asked for."
-    if quantization not in QUANTIZATIONS['tflite']:
-        raise ValueError(f"Unknown quantization {quantization!r} for format 'tflite'; use one of {_choices(QUANTIZATIONS['tflite'])}.")
+    check_quantization('tflite', quantization)
     path, files = Path(path), tflite_paths(path)
     model = onnx.load(str(path))
     opset = next(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))
@@ -429,22 +438,102 @@ class TFLitePredictor(ExportedPredictor):
         return out['dets'], out['labels']
 
 
+# %% ../nbs/15_export.ipynb #c081
+OPENVINO_HINTS = {'fp32': 'f32', 'bf16': 'bf16', 'int8': 'f32'}   # file → OpenVINO's INFERENCE_PRECISION_HINT (int8: its float parts)
+
+def openvino_paths(path) -> dict[str, Path]:
+    "The OpenVINO files of the ONNX file `path`, beside it: `<stem>.fp32.xml`, `<stem>.bf16.xml`, `<stem>.int8.xml` (each with a `.bin`)."
+    path = Path(path)
+    return {q: path.with_name(f'{path.stem}.{q}.xml') for q in OPENVINO_HINTS}
+
+def openvino_runtime():
+    "OpenVINO, imported on first use (optional), or an `ImportError` saying what to install."
+    try: import openvino as ov
+    except ImportError as e: raise _missing_extra(e, "OpenVINO export and prediction need openvino", 'openvino') from e
+    return ov
+
+def openvino_metadata(model) -> dict:
+    "The decoded metadata of an OpenVINO `model`: the ONNX file's, which the conversion keeps in `rt_info['framework']`."
+    info = model.get_rt_info()
+    return decode_metadata({k: v.astype(str) for k, v in info['framework'].items()} if 'framework' in info else {})
+
+# %% ../nbs/15_export.ipynb #c084
+def quantize_openvino(model, calibration:np.ndarray):
+    "The OpenVINO `model` quantised to int8 by NNCF, activation ranges calibrated on the inputs `calibration` `[N,3,H,W]`."
+    try: import nncf
+    except ImportError as e: raise _missing_extra(e, "OpenVINO int8 needs NNCF", 'openvino') from e
+    b = model.input(0).get_partial_shape()[0]
+    batches = calibration_batches(calibration, b.get_length() if b.is_static else 1)
+    with quiet_converter(), quiet_logging():                         # NNCF's progress bars and advice
+        return nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
+
+def export_openvino(path, quantization=None, calibration:np.ndarray|None=None, verbose:bool=True) -> Path:
+    "Convert the ONNX file `path` to an OpenVINO file beside it (fp32, bf16, or int8 calibrated on inputs `calibration` `[N,3,H,W]`); returns its `.xml`."
+    check_quantization('openvino', quantization)
+    ov, q, t0 = openvino_runtime(), quantization or 'fp32', time.perf_counter()
+    out = openvino_paths(path)[q]
+    model = ov.convert_model(str(path))                              # ONNX metadata → rt_info['framework']
+    if q == 'int8':
+        if calibration is None: calibration = calibration_inputs(None, read_metadata(path)['input_shape'])  # warns: random images
+        model = quantize_openvino(model, calibration)
+    model.set_rt_info(json.dumps(q), ['framework', 'quantization'])
+    ov.save_model(model, str(out), compress_to_fp16=q == 'bf16')
+    if verbose: print(f"Converted to {out.name} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+# %% ../nbs/15_export.ipynb #c088
+def openvino_config(core, precision:str, threads:int|None=None) -> dict:
+    "OpenVINO CPU settings for a file of `precision`: its inference precision (bf16 only where the CPU has it), one stream, `threads`."
+    hint = OPENVINO_HINTS[precision]
+    if hint == 'bf16' and 'BF16' not in core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'):
+        warnings.warn("This CPU has no native bfloat16: the bf16 OpenVINO file runs in float32.")
+        hint = 'f32'
+    return {'INFERENCE_PRECISION_HINT': hint, 'PERFORMANCE_HINT': 'LATENCY'} | ({'INFERENCE_NUM_THREADS': threads} if threads else {})
+
+class OpenVinoPredictor(ExportedPredictor):
+    "Detect objects with an exported OpenVINO file on the CPU, in the precision it was exported for, as `RFDETR.predict`."
+    def __init__(self, path, threads:int|None=None):
+        path = Path(path)
+        if not path.is_file(): raise FileNotFoundError(f"OpenVINO file {path} does not exist.")
+        core = openvino_runtime().Core()
+        model = core.read_model(str(path))
+        names = [o.get_any_name() for o in model.outputs]
+        if names[:2] != ['dets', 'labels']:
+            raise ValueError(f"{path} has outputs {names}, not a detector's 'dets' and 'labels' (a backbone-only export?).")
+        meta = openvino_metadata(model)
+        self.request = core.compile_model(model, 'CPU', openvino_config(core, meta.get('quantization', 'fp32'), threads)).create_infer_request()
+        b, _, h, w = (d.get_length() if d.is_static else None for d in model.input(0).get_partial_shape())
+        self.setup(path, (h, w), b, meta, model.output('labels').get_partial_shape()[2].get_length(),
+                   model.output('dets').get_partial_shape()[1].get_length())
+
+    def run(self, x):
+        out = self.request.infer({0: x})
+        return out['dets'], out['labels']
+
 # %% ../nbs/15_export.ipynb #c074
+def file_mb(path) -> float:
+    "Size in MB of an exported file, with the `.bin` of weights beside an OpenVINO `.xml`."
+    path = Path(path)
+    return sum(p.stat().st_size for p in ((path, path.with_suffix('.bin')) if path.suffix == '.xml' else (path,))) / 1e6
+
 def export_accuracy(rf:RFDETR, dataset_dir, folder, split:str='valid', calibration_split:str='train', max_images:int=100):
-    "COCO mAP of `rf` on `split` in PyTorch (float32, bfloat16) and exported to ONNX (float32, int8) and TFLite (float32, float16, int8)."
+    "COCO mAP of `rf` on `split` in PyTorch (float32, bfloat16) and exported to ONNX (float32, int8), TFLite (float32, float16, int8) and OpenVINO (float32, bfloat16, int8)."
     dataset = load_dataset(dataset_dir, split)
     cal = Path(dataset_dir) / calibration_split
     kw = dict(quantization='int8', calibration_data=cal, max_images=max_images, verbose=False)
     int8 = rf.export(Path(folder) / 'onnx', **kw)
     rf.export(Path(folder) / 'tflite', format='tflite', **kw)
     tflite = tflite_paths(export_path(rf, Path(folder) / 'tflite'))
+    ov = {'int8': rf.export(Path(folder) / 'openvino', format='openvino', **kw)}
+    ov |= {q: export_openvino(export_path(rf, Path(folder) / 'openvino'), q, verbose=False) for q in ('fp32', 'bf16')}
     paths = {'PyTorch float32': rf, 'ONNX Runtime float32': OnnxPredictor(export_path(rf, Path(folder) / 'onnx')),
-             'ONNX Runtime int8': OnnxPredictor(int8), **{f'TFLite {q}': TFLitePredictor(tflite[q]) for q in ('fp32', 'fp16', 'int8')}}
+             'ONNX Runtime int8': OnnxPredictor(int8), **{f'TFLite {q}': TFLitePredictor(tflite[q]) for q in ('fp32', 'fp16', 'int8')},
+             **{f'OpenVINO {q}': OpenVinoPredictor(ov[q]) for q in ('fp32', 'bf16', 'int8')}}
     score = lambda p: evaluate(partial(p.predict, include_source_image=False), dataset, progress=False)
     rows = {name: score(p) for name, p in paths.items()}
     try: rows['PyTorch bfloat16'] = score(rf.optimize_for_inference(compile=False, dtype='bfloat16'))
     finally: rf.remove_optimized_model()
-    sizes = {name: p.path.stat().st_size / 1e6 for name, p in paths.items() if hasattr(p, 'path')}
+    sizes = {name: file_mb(p.path) for name, p in paths.items() if hasattr(p, 'path')}
     table = pd.DataFrame({name: {'mAP': r['map'], 'mAP50': r['map50'], 'MB': sizes.get(name)} for name, r in rows.items()}).T
     table['Δ mAP (points)'] = 100 * (table['mAP'] - table.loc['PyTorch float32', 'mAP'])
     return table

@@ -1,47 +1,18 @@
-"""TFLite for real: a tiny detector fitted to one synthetic scene is exported with `format='tflite'`, converted by
-onnx2tf and run in the LiteRT interpreter — float32 and float16 against ONNX Runtime, int8 keeping the detections.
-
-Why a fitted model: with random weights the encoder's proposal scores are near ties, so int8's rounding picks other
-proposals and no detection is stable (see the export notebook). Fitted for 300 steps to two shapes, the model's
-detections are confident and far apart in score from the rest, so a faithful int8 file must keep them.
+"""TFLite for real: a tiny detector fitted to one synthetic scene (`fitted.py`: why fitted) is exported with
+`format='tflite'`, converted by onnx2tf and run in the LiteRT interpreter — float32 and float16 against ONNX
+Runtime, int8 keeping the detections.
 
 The conversion must not depend on the `onnxsim` module, which is onnx2tf's `onnxsim-prebuilt` or the `onnxsim` 0.8
 that `rfdetr[onnx]` installs (the dev extra has both): the fixture converts with `onnxsim` unimportable."""
-import sys, warnings
+import sys
 from unittest import mock
 import numpy as np
 import pytest
-import torch
-from PIL import Image, ImageDraw
-from torchvision.ops import box_convert, box_iou
-from rfdetr_nb.api import tiny_detector, images_to_batch
-from rfdetr_nb.loss import DetrLoss
+from PIL import Image
+from fitted import fitted_detector, keeps_detections, noisy_scenes, scene, scores
 from rfdetr_nb.export import onnx_session, run_tflite, tflite_paths, OnnxPredictor, TFLitePredictor
 
 pytest.importorskip('onnx2tf')   # the export extra; .ci/run installs it, so there this never skips
-
-SIZE = 64
-OBJECTS = [('rectangle', (6, 8, 30, 36), (230, 40, 40)), ('ellipse', (36, 30, 60, 58), (40, 60, 230))]  # class = index
-
-def scene() -> np.ndarray:
-    "A grey 64×64 RGB image with a red rectangle (class 0) and a blue ellipse (class 1)."
-    img = Image.new('RGB', (SIZE, SIZE), (90, 90, 90))
-    for shape, box, colour in OBJECTS: getattr(ImageDraw.Draw(img), shape)(box, fill=colour)
-    return np.asarray(img)
-
-def fitted_detector():
-    "The tiny detector after 300 AdamW steps on the scene (deterministic: fixed seed, one image)."
-    torch.manual_seed(0)
-    rf = tiny_detector(resolution=SIZE)
-    net = rf.model.model.train()
-    _, x, _ = images_to_batch([scene()], (SIZE, SIZE))
-    xyxy = torch.tensor([box for _, box, _ in OBJECTS], dtype=torch.float32) / SIZE
-    target = [{'boxes': box_convert(xyxy, 'xyxy', 'cxcywh'), 'labels': torch.arange(len(OBJECTS))}]
-    loss, opt = DetrLoss(net.cfg), torch.optim.AdamW(net.parameters(), lr=1e-3)
-    for _ in range(300):
-        opt.zero_grad(); loss(net(x), target).backward(); opt.step()
-    net.eval()
-    return rf, x.numpy()
 
 @pytest.fixture(scope='module')
 def fitted(): return fitted_detector()
@@ -50,8 +21,7 @@ def fitted(): return fitted_detector()
 def exported(fitted, tmp_path_factory):
     "The fitted detector exported to TFLite with an int8 file calibrated on the scene and noisy copies of it."
     rf, x = fitted
-    rng = np.random.default_rng(0)
-    cal = np.clip(scene()[None] / 255 + rng.normal(0, .05, (8, SIZE, SIZE, 3)), 0, 1).astype(np.float32)
+    cal = noisy_scenes()
     d = tmp_path_factory.mktemp('tflite')
     with pytest.MonkeyPatch.context() as mp:                         # whichever onnxsim is installed, none is used
         mp.setitem(sys.modules, 'onnxsim', None)                     # (only this key is restored: TensorFlow stays imported)
@@ -59,14 +29,6 @@ def exported(fitted, tmp_path_factory):
     onnx_path = d / 'inference_model.onnx'
     want = dict(zip(['dets', 'labels'], onnx_session(onnx_path).run(None, {'input': x})))
     return int8, tflite_paths(onnx_path), x, want
-
-def scores(labels): return 1 / (1 + np.exp(-labels))
-
-def detections(out, threshold):
-    "Per query: xyxy box, best score and class, for the queries of image 0 whose score reaches `threshold`."
-    s = scores(out['labels'][0])
-    keep = s.max(-1) >= threshold
-    return box_convert(torch.from_numpy(out['dets'][0][keep]), 'cxcywh', 'xyxy'), s.max(-1)[keep], s.argmax(-1)[keep]
 
 def test_files(exported):
     int8, files, _, _ = exported
@@ -88,11 +50,7 @@ def test_fp16_matches_onnxruntime(exported):
 
 def test_int8_keeps_the_detections(exported):
     _, files, x, want = exported
-    boxes, conf, cls = detections(want, 0.5)
-    assert len(boxes) >= 1                                  # the fitted model does detect
-    q_boxes, q_conf, q_cls = detections(run_tflite(files['int8'], x), 0.25)
-    iou = box_iou(boxes, q_boxes).numpy() * (cls[:, None] == q_cls[None])  # same class only
-    assert (iou.max(1, initial=0) >= 0.5).all(), (boxes, q_boxes, conf, q_conf)
+    assert keeps_detections(want, run_tflite(files['int8'], x))
 
 def test_tflite_predictor_matches_onnx_predictor(exported):
     "TFLitePredictor: `predict`'s pre- and post-processing around the float32 file, names from the ONNX file beside it."

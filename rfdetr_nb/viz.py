@@ -61,8 +61,8 @@ def filter_detections(det:sv.Detections, threshold:float=0.0, classes=None) -> s
 # %% ../nbs/09_viz.ipynb #c011
 def detections_table(det:sv.Detections) -> pd.DataFrame:
     "One row per detection: class_id, class_name, confidence and the box corners x0, y0, x1, y1."
-    x0, y0, x1, y1 = det.xyxy.reshape(-1, 4).T
-    return pd.DataFrame({'class_id': det.class_id, 'class_name': class_names_of(det), 'confidence': det.confidence,
+    x0, y0, x1, y1 = det.xyxy.reshape(-1, 4).astype(float).T                # float64: rounds to what it prints
+    return pd.DataFrame({'class_id': det.class_id, 'class_name': class_names_of(det), 'confidence': det.confidence.astype(float),
                          'x0': x0, 'y0': y0, 'x1': x1, 'y1': y1})
 
 # %% ../nbs/09_viz.ipynb #c014

@@ -2,6 +2,9 @@ import pytest
 import torch
 from rfdetr_nb.backbone import fast_kernels
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', "slow: minutes-long checks (all seven Seg variants), deselected in CI; run with -m slow")
+
 @pytest.fixture(autouse=True)
 def reference_kernels():
     "Compare with the reference on PyTorch's default kernels (bit-identical numerics); tests opt into the fast ones."

@@ -2,10 +2,10 @@
 import os, socket
 import torch
 import torch.multiprocessing as mp
-from fastai.callback.core import Callback
 from rfdetr_nb.config import tiny_config
 from rfdetr_nb.data import synthetic_shapes, rfdetr_dls
 from rfdetr_nb.learner import rfdetr_learner
+from fastai.callback.core import Callback
 
 class TrainLosses(Callback):
     "Record the training loss of every batch."

@@ -3,11 +3,11 @@ divergence, bad resume files, datasets with nothing to learn. Kills are simulate
 import json, math, os, shutil, subprocess, sys, time
 import pytest
 import torch
-from fastai.callback.core import Callback
 from rfdetr_nb.config import tiny_config
 from rfdetr_nb.data import synthetic_shapes, rfdetr_dls, COCO_JSON
 from rfdetr_nb.learner import rfdetr_learner, LOCK_FILE, TrainingDiverged
 import rfdetr_nb.learner as learner_module
+from fastai.callback.core import Callback
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from fastai.callback.core import Callback, CancelFitException
 from oracle import reference_model
 import rfdetr_nb
 from rfdetr_nb.config import tiny_config
@@ -12,6 +11,7 @@ from rfdetr_nb.model import LWDETR
 from rfdetr_nb.data import synthetic_shapes, rfdetr_dls
 from rfdetr_nb.api import detector_class
 from rfdetr_nb.learner import param_groups, training_recipe, ema_decay, ema_update_, rfdetr_learner
+from fastai.callback.core import Callback, CancelFitException
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py

@@ -1,6 +1,6 @@
 """Parity of the segmentation variants with the reference rfdetr==1.11.2: the same weights in, the same logits, boxes
 and mask logits out (final, aux and encoder outputs), in evaluation, training and export."""
-import copy, os
+import copy
 import pytest
 import torch
 from oracle import reference_model, exported
@@ -11,9 +11,8 @@ from rfdetr_nb.model import LWDETR
 # total parameters (all 13 groups, 91 logit slots), from the spec's measured table
 PARAMS = dict(seg_preview=34_153_555, seg_nano=33_577_475, seg_small=33_711_107, seg_medium=35_694_259,
               seg_large=35_873_971, seg_xlarge=38_113_635, seg_2xlarge=38_648_163)
-CI = ('seg_nano', 'seg_small')   # ~40 s each; the other five (up to 768 px) run with RFDETR_NB_SLOW=1
-slow = pytest.mark.skipif(not os.environ.get('RFDETR_NB_SLOW'),
-                          reason='set RFDETR_NB_SLOW=1 to check all seven variants')
+CI = ('seg_nano', 'seg_small')   # ~40 s each; the other five (up to 768 px) are marked slow
+slow = pytest.mark.slow   # deselected by .ci/run (-m 'not slow'); `pytest -m slow tests` runs them
 
 def outputs(out):
     "(name, tensor) for every logits, boxes and masks tensor of an output dict; sparse masks give each factor."

@@ -129,7 +129,7 @@ def onnx_files(size:str, weights, folder, reference:bool=True) -> dict[str, Path
     fp32 = build_detector('ours', size, weights).export(folder / 'ours', verbose=False)
     shape = tuple(onnx_session(fp32).get_inputs()[0].shape[2:])
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')                  # random calibration images: fine for timing
+        warnings.filterwarnings('ignore', 'No calibration_data', UserWarning)   # random calibration images: fine for timing
         files = {'ort_fp32': fp32, 'ort_int8': quantize_onnx(fp32, calibration_inputs(None, shape, 8))}
         if reference:
             logging.disable(logging.WARNING)             # the reference logs each export step
@@ -141,7 +141,7 @@ def openvino_files(path) -> dict[str, Path]:
     "OpenVINO float32, bfloat16 and int8 files of our ONNX file `path`, beside it (int8 calibrated on random images)."
     shape = tuple(read_metadata(path)['input_shape'])
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')                  # random calibration images: fine for timing
+        warnings.filterwarnings('ignore', 'No calibration_data', UserWarning)   # random calibration images: fine for timing
         return {f'ov_{q}': export_openvino(path, q, calibration_inputs(None, shape, 8) if q == 'int8' else None, verbose=False)
                 for q in ('fp32', 'bf16', 'int8')}
 

@@ -30,14 +30,14 @@ from .data import load_dataset
 from .metrics import evaluate
 
 # %% auto #0
-__all__ = ['OPSETS', 'QUANTIZED_OPS', 'TFLITE_OPSET', 'OPENVINO_HINTS', 'BackboneFeatures', 'export_network',
-           'check_quantization', 'check_export_args', 'export_metadata', 'decode_metadata', 'read_metadata',
-           'output_names', 'write_onnx', 'calibration_inputs', 'calibration_batches', 'weight_nodes', 'quiet_logging',
-           'int8_path', 'quantize_onnx', 'sample_input', 'export_path', 'onnx_session', 'max_abs_errors',
-           'ExportedPredictor', 'OnnxPredictor', 'tflite_paths', 'quiet_converter', 'tflite_converter', 'tflite_runner',
-           'run_tflite', 'fold_static', 'convert_float', 'quantize_tflite', 'export_tflite', 'TFLitePredictor',
-           'openvino_paths', 'openvino_runtime', 'openvino_metadata', 'quantize_openvino', 'export_openvino',
-           'openvino_config', 'OpenVinoPredictor', 'file_mb', 'export_accuracy']
+__all__ = ['OPSETS', 'QUANTIZED_OPS', 'TFLITE_OPSET', 'OPENVINO_HINTS', 'OPENVINO_FLOAT_SCOPE', 'BackboneFeatures',
+           'export_network', 'check_quantization', 'check_export_args', 'export_metadata', 'decode_metadata',
+           'read_metadata', 'output_names', 'write_onnx', 'calibration_inputs', 'calibration_batches', 'weight_nodes',
+           'quiet_logging', 'int8_path', 'quantize_onnx', 'sample_input', 'export_path', 'onnx_session',
+           'max_abs_errors', 'ExportedPredictor', 'OnnxPredictor', 'tflite_paths', 'quiet_converter',
+           'tflite_converter', 'tflite_runner', 'run_tflite', 'fold_static', 'convert_float', 'quantize_tflite',
+           'export_tflite', 'TFLitePredictor', 'openvino_paths', 'openvino_runtime', 'openvino_metadata',
+           'quantize_openvino', 'export_openvino', 'openvino_config', 'OpenVinoPredictor', 'file_mb', 'export_accuracy']
 
 # %% ../nbs/15_export.ipynb #c005
 class BackboneFeatures(nn.Module):
@@ -82,7 +82,7 @@ def export_metadata(rf:RFDETR, shape:tuple[int, int], backbone_only:bool=False, 
     "The metadata written into an exported file: what is needed to predict with it alone, JSON-encoded."
     cfg = rf.model.model.cfg
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')                    # a model without names gets class_0 … (predict warns already)
+        warnings.filterwarnings('ignore', 'The checkpoint has no class names', UserWarning)   # predict says it already
         names = rf.class_id_names
     meta = dict(producer=f'rfdetr_nb {__version__}', model_name=type(rf).__name__, model_size=rf.size, resolution=cfg.resolution,
                 input_shape=list(shape), patch_size=cfg.patch_size, num_windows=cfg.num_windows, num_classes=cfg.num_classes,
@@ -118,7 +118,10 @@ def write_onnx(net:nn.Module, x:torch.Tensor, path, metadata:dict[str, str], ops
     axes = {n: {0: 'batch'} for n in ['input', *outs]} if dynamic_batch else None
     with fast_kernels(False), torch.no_grad(): shapes = [y.shape for y in net(x[:1])]
     with fast_kernels(False), torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')                    # the tracer's notes about Python values
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)   # the tracer's notes about Python values
+        # PyTorch 2.14 calls the TorchScript exporter legacy; it is the one onnx2tf and the reference's files come from
+        for note in ('You are using the legacy TorchScript-based ONNX export', 'The feature will be removed'):
+            warnings.filterwarnings('ignore', note, DeprecationWarning)
         torch.onnx.export(net, (x,), str(path), input_names=['input'], output_names=outs, opset_version=opset_version,
                           dynamic_axes=axes, do_constant_folding=True, export_params=True, dynamo=False)
     model = onnx.load(str(path))
@@ -458,14 +461,17 @@ def openvino_metadata(model) -> dict:
     return decode_metadata({k: v.astype(str) for k, v in info['framework'].items()} if 'framework' in info else {})
 
 # %% ../nbs/15_export.ipynb #c084
+OPENVINO_FLOAT_SCOPE = '.*/transformer/.*'   # the decoder and two-stage heads stay float: −0.2 mAP points instead of −1.6, same speed
+
 def quantize_openvino(model, calibration:np.ndarray):
-    "The OpenVINO `model` quantised to int8 by NNCF, activation ranges calibrated on the inputs `calibration` `[N,3,H,W]`."
+    "The OpenVINO `model` quantised to int8 by NNCF (the transformer left in float), activation ranges calibrated on the inputs `calibration` `[N,3,H,W]`."
     try: import nncf
     except ImportError as e: raise _missing_extra(e, "OpenVINO int8 needs NNCF", 'openvino') from e
     b = model.input(0).get_partial_shape()[0]
     batches = calibration_batches(calibration, b.get_length() if b.is_static else 1)
     with quiet_converter(), quiet_logging():                         # NNCF's progress bars and advice
-        return nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
+        return nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches),
+                             ignored_scope=nncf.IgnoredScope(patterns=[OPENVINO_FLOAT_SCOPE], validate=False))
 
 def export_openvino(path, quantization=None, calibration:np.ndarray|None=None, verbose:bool=True) -> Path:
     "Convert the ONNX file `path` to an OpenVINO file beside it (fp32, bf16, or int8 calibrated on inputs `calibration` `[N,3,H,W]`); returns its `.xml`."

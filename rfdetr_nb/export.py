@@ -171,12 +171,12 @@ def weight_nodes(model:onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and any(i in weights for i in n.input)]
 
 @contextmanager
-def quiet_logging(level=logging.ERROR):
-    "Raise the root logger's level inside the block (ONNX Runtime's quantiser logs advice through it)."
-    root = logging.getLogger(); prev = root.level
-    root.setLevel(level)
+def quiet_logging(level=logging.ERROR, name:str|None=None):
+    "Raise the level of the logger `name` inside the block (default: the root logger, through which ONNX Runtime's quantiser logs advice)."
+    log = logging.getLogger(name); prev = log.level
+    log.setLevel(level)
     try: yield
-    finally: root.setLevel(prev)
+    finally: log.setLevel(prev)
 
 class _Batches(CalibrationDataReader):
     "Feeds calibration inputs to ONNX Runtime's calibrator one image at a time."
@@ -469,7 +469,7 @@ def quantize_openvino(model, calibration:np.ndarray):
     except ImportError as e: raise _missing_extra(e, "OpenVINO int8 needs NNCF", 'openvino') from e
     b = model.input(0).get_partial_shape()[0]
     batches = calibration_batches(calibration, b.get_length() if b.is_static else 1)
-    with quiet_converter(), quiet_logging():                         # NNCF's progress bars and advice
+    with quiet_converter(), quiet_logging(name='nncf'):              # NNCF's progress bars and notes on each float node
         return nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches),
                              ignored_scope=nncf.IgnoredScope(patterns=[OPENVINO_FLOAT_SCOPE], validate=False))
 

@@ -15,17 +15,18 @@ from fastcore.script import call_parse
 import itertools
 from .config import VARIANT_CONFIGS, TrainConfig, ModelConfig, variant_config
 from .model import LWDETR
+from .checkpoint import random_checkpoint
 from .api import detector_class
 from .export import OpenVinoPredictor, calibration_inputs, export_openvino, onnx_session, quantize_onnx, read_metadata
 from .loss import DetrLoss
 from .learner import ScaledAdamW, scaled_param_groups, training_recipe, cpu_has_bf16
 
 # %% auto #0
-__all__ = ['OPTIMIZED', 'TRAIN_SETTINGS', 'median_times', 'random_checkpoint', 'build_detector', 'reference_available', 'rss_mb',
-           'peak_growth_mb', 'forward_peak_mb', 'peak_mb_subprocess', 'forward_peak_mb_subprocess', 'time_detectors',
-           'onnx_files', 'openvino_files', 'time_onnx', 'onnx_profile', 'train_batches', 'our_optimizer',
-           'reference_criterion', 'reference_optimizer', 'training_step', 'train_step_of', 'train_settings',
-           'time_training', 'train_peak_mb', 'train_main', 'report', 'main']
+__all__ = ['OPTIMIZED', 'TRAIN_SETTINGS', 'median_times', 'build_detector', 'reference_available', 'rss_mb', 'peak_growth_mb',
+           'forward_peak_mb', 'peak_mb_subprocess', 'forward_peak_mb_subprocess', 'time_detectors', 'onnx_files',
+           'openvino_files', 'time_onnx', 'onnx_profile', 'train_batches', 'our_optimizer', 'reference_criterion',
+           'reference_optimizer', 'training_step', 'train_step_of', 'train_settings', 'time_training', 'train_peak_mb',
+           'train_main', 'report', 'main']
 
 # %% ../nbs/17_benchmark.ipynb #c005
 def median_times(fns:dict, warmup:int=3, runs:int=10, clock=time.perf_counter) -> dict:
@@ -39,16 +40,6 @@ def median_times(fns:dict, warmup:int=3, runs:int=10, clock=time.perf_counter) -
     return {k: statistics.median(v) for k, v in times.items()}
 
 # %% ../nbs/17_benchmark.ipynb #c007
-def random_checkpoint(size:str, path) -> Path:
-    "Save a random-weight model of variant `size` as an official-format checkpoint at `path`."
-    cfg = variant_config(size)
-    torch.manual_seed(0)
-    model = LWDETR(cfg)
-    args = argparse.Namespace(num_classes=cfg.num_classes, num_queries=cfg.num_queries, group_detr=cfg.group_detr,
-                              patch_size=cfg.patch_size)
-    torch.save({'model': model.state_dict(), 'args': args}, path)
-    return Path(path)
-
 def build_detector(impl:str, size:str, weights):
     "The `impl` ('ours' or 'reference') detector of variant `size` loaded from `weights` on the CPU."
     cls = detector_class(size)

@@ -10,14 +10,14 @@ import argparse, re, types, zipfile
 from pathlib import Path
 import torch
 import torch.nn as nn
-from .config import ModelConfig, tiny_config, VARIANT_CONFIGS, SEG_VARIANT_CONFIGS
+from .config import ModelConfig, tiny_config, variant_config, VARIANT_CONFIGS, SEG_VARIANT_CONFIGS
 from .backbone import interpolate_pos_embed
 from .model import LWDETR
 
 # %% auto #0
 __all__ = ['SAFE_GLOBALS', 'QUERY_KEYS', 'POS_KEY', 'PATCH_KEY', 'OPTIONAL_KEYS', 'read_checkpoint', 'checkpoint_state_dict',
            'checkpoint_args', 'extra_group', 'slice_queries', 'resize_pos_embed', 'is_segmentation',
-           'checkpoint_variant', 'check_compatible', 'fit_state_dict', 'load_weights']
+           'checkpoint_variant', 'check_compatible', 'fit_state_dict', 'load_weights', 'random_checkpoint']
 
 # %% ../nbs/07_checkpoint.ipynb #c005
 SAFE_GLOBALS = [argparse.Namespace, types.SimpleNamespace]
@@ -137,3 +137,14 @@ def load_weights(model:LWDETR, path, num_classes_given:bool=True) -> dict:
                          "use the model class the checkpoint was trained with.")
     if wanted != slots: model.reinitialize_detection_head(wanted)
     return args
+
+# %% ../nbs/07_checkpoint.ipynb #r02
+def random_checkpoint(size:str, path) -> Path:
+    "Save a random-weight model of variant `size` (`'rfdetr-nano'`, `'rfdetr-seg-nano'`, …) as an official-format checkpoint at `path`."
+    cfg = variant_config(size)
+    torch.manual_seed(0)
+    model = LWDETR(cfg)
+    args = argparse.Namespace(num_classes=cfg.num_classes, num_queries=cfg.num_queries, group_detr=cfg.group_detr,
+                              patch_size=cfg.patch_size)
+    torch.save({'model': model.state_dict(), 'args': args}, path)
+    return Path(path)

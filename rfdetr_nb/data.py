@@ -595,10 +595,10 @@ class DetrDL(TfmdDL):
 
 # %% ../nbs/11_data.ipynb #c076
 class DetrDataLoaders(DataLoaders):
-    "Train and valid `DetrDL`s that also carry their ground truth, class names and multi-scale sizes."
-    def __init__(self, train:DetrDL, valid:DetrDL, gt_datasets:dict, scales:list, resolution:int, path='.', device=None):
+    "Train and valid `DetrDL`s that also carry their ground truth, class names, multi-scale sizes and whether targets have masks."
+    def __init__(self, train:DetrDL, valid:DetrDL, gt_datasets:dict, scales:list, resolution:int, path='.', device=None, masks:bool=False):
         super().__init__(train, valid, path=path, device=device)
-        self.gt_datasets, self.scales, self.resolution = gt_datasets, list(scales), resolution
+        self.gt_datasets, self.scales, self.resolution, self.masks = gt_datasets, list(scales), resolution, masks
         self.vocab = self.class_names = list(gt_datasets['train'].classes)
 
 def background_share(ds:sv.DetectionDataset) -> float:
@@ -628,4 +628,4 @@ def rfdetr_dls(path, bs:int=4, resolution:int=384, block:int=32, multi_scale:boo
     train = dl(DetectionItems(gt['train'], max(scales), True, scale_jitter, flip_p), bs=bs, shuffle=True, drop_last=True)
     valid = dl(DetectionItems(gt['valid'], resolution), bs=val_bs or bs)
     if seed is not None: train.rng, valid.rng = random.Random(seed), random.Random(seed + 1)
-    return DetrDataLoaders(train, valid, gt, scales, resolution, path=path, device=device or default_device())
+    return DetrDataLoaders(train, valid, gt, scales, resolution, path=path, device=device or default_device(), masks=masks)

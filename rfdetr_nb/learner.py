@@ -39,7 +39,7 @@ from .config import ModelConfig, TrainConfig, check_image_size, check_positive_i
 from .model import LWDETR, PostProcess
 from .checkpoint import read_checkpoint, checkpoint_args, resize_pos_embed
 from .api import RFDETR, VARIANTS, detector_class, to_detections, default_device
-from .metrics import coco_eval
+from .metrics import coco_eval, IOU_TYPES
 from .loss import DetrLoss
 
 # %% auto #0
@@ -253,10 +253,10 @@ def check_finite(state_dict:dict, what:str):
 
 # %% ../nbs/14_learner.ipynb #c034
 class COCOEvaluator(Callback):
-    "COCO metrics of the post-processed validation predictions, computed once after each validation."
+    "COCO metrics of the post-processed validation predictions (boxes; with `masks`, masks too), computed once after each validation."
     order, run_train = 40, False
-    def __init__(self, dataset:sv.DetectionDataset, num_select:int=300, per_class:bool=True):
-        self.dataset, self.postprocess, self.per_class, self.result = dataset, PostProcess(num_select), per_class, {}
+    def __init__(self, dataset:sv.DetectionDataset, num_select:int=300, per_class:bool=True, masks:bool=False):
+        self.dataset, self.postprocess, self.per_class, self.masks, self.result = dataset, PostProcess(num_select), per_class, masks, {}
         self.names = dict(enumerate(dataset.classes))
     def before_fit(self): self.run = not hasattr(self.learn, 'lr_finder')
     def before_validate(self): self.preds = {}
@@ -266,17 +266,21 @@ class COCOEvaluator(Callback):
         for r, t in zip(self.postprocess(self.pred, sizes), y): self.preds[int(t['image_id'])] = to_detections(r, self.names, 0.)
     def after_validate(self):
         empty = sv.Detections.empty()
-        self.result = coco_eval(self.dataset, [self.preds.get(i, empty) for i in range(len(self.dataset))])
+        preds = [self.preds.get(i, empty) for i in range(len(self.dataset))]
+        self.result = coco_eval(self.dataset, preds, IOU_TYPES if self.masks else 'bbox')
 
     @property
     def metrics(self) -> list[Metric]:
-        "fastai metrics for the table: mAP, mAP50 and (if `per_class`) AP of each class."
-        return [COCOValue(self, 'map', 'mAP'), COCOValue(self, 'map50', 'mAP50')] + \
-               ([COCOValue(self, c, f'AP_{c}') for c in self.dataset.classes] if self.per_class else [])
+        "fastai metrics for the table: mAP, mAP50 (with `masks`: mask_mAP, mask_mAP50) and, if `per_class`, each class's AP (of masks with `masks`)."
+        best = [COCOValue(self, 'mask_map', 'mask_mAP'), COCOValue(self, 'mask_map50', 'mask_mAP50')] if self.masks else []
+        pc, prefix = ('mask_per_class', 'mask_AP_') if self.masks else ('per_class', 'AP_')
+        return [COCOValue(self, 'map', 'mAP'), COCOValue(self, 'map50', 'mAP50')] + best + \
+               ([COCOValue(self, c, prefix + c, pc) for c in self.dataset.classes] if self.per_class else [])
 
 class COCOValue(Metric):
-    "One number of the evaluator's last result (a key of `coco_eval`'s dict, or a class name for its AP) as a fastai metric."
-    def __init__(self, evaluator:COCOEvaluator, key:str, name:str): self.evaluator, self.key, self._name = evaluator, key, name
+    "One number of the evaluator's last result (a key of `coco_eval`'s dict, or a class name in its `per_class` dict) as a fastai metric."
+    def __init__(self, evaluator:COCOEvaluator, key:str, name:str, per_class:str='per_class'):
+        self.evaluator, self.key, self._name, self.per_class = evaluator, key, name, per_class
     def reset(self): pass
     def accumulate(self, learn): pass
     @property
@@ -284,7 +288,7 @@ class COCOValue(Metric):
     @property
     def value(self):
         r = self.evaluator.result
-        return r[self.key] if self.key in r else r.get('per_class', {}).get(self.key, math.nan)
+        return r[self.key] if self.key in r else r.get(self.per_class, {}).get(self.key, math.nan)
 
 # %% ../nbs/14_learner.ipynb #c036
 def disk_full(e:BaseException) -> bool:
@@ -529,6 +533,8 @@ class ImageAvgLoss(AvgLoss):
         self.total += learn.to_detach(learn.loss.mean()) * bs
         self.count += bs
 
+def _cpu(t): return None if t is None else t.cpu()
+
 class DetectionLearner(Learner):
     "A fastai `Learner` for RF-DETR: image-averaged validation loss, `freeze` = freeze the encoder, `show_results` with boxes."
     def __init__(self, *args, **kwargs):
@@ -555,7 +561,7 @@ class DetectionLearner(Learner):
 
     @torch.no_grad()
     def show_results(self, ds_idx:int=1, dl=None, max_n:int=4, threshold:float=0.5, figsize=None, **kwargs):
-        "Ground truth (left) and predictions above `threshold` (right) for up to `max_n` images of a batch of `dl`."
+        "Ground truth (left) and predictions above `threshold` (right) for up to `max_n` images of a batch of `dl`, with masks if any."
         dl = dl or self.dls[ds_idx]
         x, y = dl.one_batch()
         training = self.model.training
@@ -568,12 +574,12 @@ class DetectionLearner(Learner):
         axs = get_grid(2 * n, nrows=n, ncols=2, figsize=figsize or (6, 3 * n), **kwargs)
         for i in range(n):
             gt = y[i]['boxes'].cpu()
-            show_boxes(imgs[i], box_convert(gt, 'cxcywh', 'xyxy') * wh,
-                       [names[int(l)] for l in y[i]['labels']], ctx=axs[2 * i], title='truth' if i == 0 else None)
-            keep = results[i]['scores'] > threshold
-            show_boxes(imgs[i], results[i]['boxes'][keep].cpu(), [f"{names[int(l)] if int(l) < len(names) else l} {s:.2f}"
-                       for l, s in zip(results[i]['labels'][keep], results[i]['scores'][keep])], ctx=axs[2 * i + 1],
-                       title=f'predicted > {threshold}' if i == 0 else None)
+            show_boxes(imgs[i], box_convert(gt, 'cxcywh', 'xyxy') * wh, [names[int(l)] for l in y[i]['labels']],
+                       ctx=axs[2 * i], title='truth' if i == 0 else None, text_size=10, masks=_cpu(y[i].get('masks')))
+            r = {k: v[results[i]['scores'] > threshold] for k, v in results[i].items()}
+            show_boxes(imgs[i], r['boxes'].cpu(), [f"{names[int(l)] if int(l) < len(names) else l} {s:.2f}"
+                       for l, s in zip(r['labels'], r['scores'])], ctx=axs[2 * i + 1], text_size=10,
+                       title=f'predicted > {threshold}' if i == 0 else None, masks=_cpu(r.get('masks')))
 
 # %% ../nbs/14_learner.ipynb #c051
 def detector_for(model, num_classes:int, class_names:list, pretrain_weights=None, device=None) -> RFDETR:
@@ -625,10 +631,10 @@ def _check_run_numbers(dls, grad_accum_steps, **numbers):
         raise ValueError(f"grad_accum_steps={grad_accum_steps} is more than the {len(dls.train)} training batches of an epoch, so "
                          f"no optimiser step would gather that many: use at most {len(dls.train)}, or a smaller batch size.")
 
-def _monitor(dls) -> str:
-    "What the best checkpoints follow: 'mAP', or 'valid_loss' when there is no COCO ground truth or it has no objects."
+def _monitor(dls, masks:bool=False) -> str:
+    "What the best checkpoints follow: 'mAP' ('mask_mAP' with `masks`), or 'valid_loss' without COCO ground truth or objects."
     if not hasattr(dls, 'gt_datasets'): return 'valid_loss'
-    if background_share(dls.gt_datasets['valid']) < 1: return 'mAP'
+    if background_share(dls.gt_datasets['valid']) < 1: return 'mask_mAP' if masks else 'mAP'
     warnings.warn("The validation split has no objects, so its mAP cannot be measured (it shows as nan): the best "
                   "checkpoints follow the validation loss. Add annotated images to the validation split to score the model.")
     return 'valid_loss'
@@ -651,6 +657,9 @@ def rfdetr_learner(dls, model='nano', pretrain_weights=None, output_dir='output'
     rf = detector_for(model, len(dls.vocab), dls.vocab, pretrain_weights, device)
     if getattr(dls, 'resolution', None) not in (None, rf.model.model.cfg.resolution): set_resolution(rf, dls.resolution)
     cfg = rf.model.model.cfg
+    if cfg.segmentation_head and not getattr(dls, 'masks', False):
+        raise ValueError("This is a segmentation model (segmentation_head=True) but the DataLoaders have no masks: "
+                         "build them with rfdetr_dls(path, ..., masks=True) from a dataset with polygons or RLE (COCO) or YOLO-seg labels.")
     started = checkpoint_args(resume_checkpoint(resume, rf.model.model)) if resume else {}   # the resumed run's settings
     pretrained = started.get('pretrained', bool(rf.model_config.pretrain_weights))
     given = dict(lr=lr, lr_encoder=lr_encoder, lr_vit_layer_decay=lr_vit_layer_decay, lr_component_decay=lr_component_decay)
@@ -664,8 +673,8 @@ def rfdetr_learner(dls, model='nano', pretrain_weights=None, output_dir='output'
     if resume is None and (output_dir/'last.pth').exists():
         warnings.warn(f"{output_dir} holds an earlier run (last.pth): this run replaces its checkpoints and history. To "
                       f"continue it pass resume={str(output_dir/'last.pth')!r}; to keep it, choose another output folder.")
-    monitor = _monitor(dls)
-    evaluator = COCOEvaluator(dls.gt_datasets['valid'], cfg.num_select) if hasattr(dls, 'gt_datasets') else None
+    monitor = _monitor(dls, cfg.segmentation_head)
+    evaluator = COCOEvaluator(dls.gt_datasets['valid'], cfg.num_select, masks=cfg.segmentation_head) if hasattr(dls, 'gt_datasets') else None
     callbacks = [GlobalStep(), MultiScaleResize(sizes), StopOnNonFinite(), TrainingCSVLogger(append=resume is not None),
                  SaveCheckpoints(rf, output_dir, monitor, run_args, notes),
                  evaluator, GradientClip(clip_max_norm) if clip_max_norm else None,
@@ -716,7 +725,7 @@ def train(self:RFDETR, **kwargs) -> DetectionLearner:
     cfg = self.model.model.cfg
     dls = rfdetr_dls(tc.dataset_dir, bs=tc.batch_size, resolution=cfg.resolution, block=cfg.block_size,
                      multi_scale=tc.multi_scale != 'off', expanded_scales=tc.expanded_scales, scale_jitter=tc.scale_jitter,
-                     num_workers=tc.num_workers, seed=tc.seed, device=device)
+                     num_workers=tc.num_workers, seed=tc.seed, device=device, masks=cfg.segmentation_head)
     if tc.class_names is not None:
         if len(tc.class_names) != len(dls.vocab):
             raise ValueError(f"class_names has {len(tc.class_names)} names but {tc.dataset_dir} has {len(dls.vocab)} classes {dls.vocab}.")

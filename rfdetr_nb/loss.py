@@ -221,7 +221,8 @@ def matched_masks(pred_masks, m:Match) -> Tensor:
     "Mask logits `[M,Hm,Wm]` of the matched queries only, from either form of `pred_masks`."
     if isinstance(pred_masks, Tensor): return pred_masks[m.image, m.query]
     f, q = pred_masks['spatial_features'], pred_masks['query_features']
-    return torch.cat([torch.einsum('dhw,nd->nhw', f[b], q[b, m.query[m.image == b]]) for b in range(len(f))]) + pred_masks['bias']
+    per_image = zip(f.unbind(0), q.unbind(0))            # unbind, not f[b]: f[b]'s backward writes a zero copy of all of f per image
+    return torch.cat([torch.einsum('dhw,nd->nhw', fb, qb[m.query[m.image == b]]) for b, (fb, qb) in enumerate(per_image)]) + pred_masks['bias']
 
 def uncertain_points(logits:Tensor, num_points:int, oversample:int=3, importance:float=.75) -> Tensor:
     "PointRend's points on mask logits `[M,h,w]`: the `importance·P` most uncertain of `oversample·P` random candidates, then fresh random ones: `[M,P,2]`."

@@ -218,3 +218,28 @@ def test_fast_path_matches_exact_on_trained_model(tmp_path):
     assert sum((d.confidence >= 0.5).sum() for d in fast) >= 2          # confident: a usable threshold keeps detections
     for a, b in zip(fast, exact):
         if len(a) or len(b): assert_same_detections(a, b, box_tol=1e-3, conf_tol=1e-4)
+
+
+def test_seg_checkpoint_loads_in_reference(tmp_path):
+    "A SegNano trained a step here on masks loads in rfdetr 1.11.2's RFDETRSegNano with the same boxes and mask logits."
+    import rfdetr
+    seed_all()
+    data = synthetic_shapes(tmp_path / 'data', n_train=2, n_valid=1, size=72, seed=0, masks=True)
+    dls = dls_of(data, bs=2, resolution=72, block=12, multi_scale=False, masks=True)
+    learn = rfdetr_learner(dls, 'seg-nano', pretrain_weights=False, output_dir=tmp_path, mixed_precision=False)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert learn.recorder.metric_names[3:7] == ['mAP', 'mAP50', 'mask_mAP', 'mask_mAP50']
+    assert learn.save_checkpoints.monitor == 'mask_mAP'
+    path = tmp_path / 'checkpoint_best_total.pth'
+    theirs = rfdetr.RFDETRSegNano(pretrain_weights=str(path), device='cpu', resolution=72)
+    ours = rfdetr_nb.RFDETR.from_checkpoint(path, device='cpu')
+    assert type(ours).__name__ == 'RFDETRSegNano' and list(theirs.class_names) == ours.class_names
+    x = torch.randn(1, 3, 72, 72)
+    with torch.no_grad(): a, b = theirs.model.model.eval()(x), ours.model.model(x)
+    for k in ('pred_logits', 'pred_boxes', 'pred_masks'): torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0)
+
+
+def test_seg_model_needs_masks(shapes, tmp_path):
+    "A segmentation model given DataLoaders without masks is refused before anything trains, saying how to fix it."
+    with pytest.raises(ValueError, match=r'masks=True'):
+        rfdetr_learner(dls_of(shapes), tiny_config(num_classes=3, segmentation_head=True), output_dir=tmp_path)

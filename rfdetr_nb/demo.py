@@ -7,6 +7,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/demo.html.md"""
 # %% ../nbs/18_demo.ipynb #c002
 from __future__ import annotations
 import shutil, time
+from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
 import torch
@@ -19,15 +20,20 @@ from .api import detector_class, load_image
 from .data import synthetic_shapes, rfdetr_dls, load_dataset, SHAPE_CLASSES
 from .learner import rfdetr_learner
 from .viz import annotate
+try: import fcntl
+except ImportError: fcntl = None          # Windows: no advisory file locks
 
 # %% auto #0
-__all__ = ['DEMO', 'NANO_FINE_TUNE', 'QUICK', 'official_nano_weights', 'demo_plan', 'demo_dataset', 'demo_learner', 'train_demo',
-           'describe_detections', 'demo_image_index', 'main', 'trained_demo', 'demo_image']
+__all__ = ['DEMO', 'NANO_FINE_TUNE', 'QUICK', 'TASKS', 'SEG_DEMO_MASK_RATIO', 'official_nano_weights', 'demo_model', 'demo_plan',
+           'demo_dataset', 'demo_learner', 'train_demo', 'describe_detections', 'demo_image_index', 'main',
+           'trained_demo', 'demo_image']
 
 # %% ../nbs/18_demo.ipynb #c006
 DEMO = dict(n_train=400, n_valid=100, size=256, bs=8, epochs=20, pct_start=0.05)
 NANO_FINE_TUNE = dict(n_train=400, n_valid=100, size=256, bs=4, epochs=3, pct_start=0.05)
 QUICK = dict(n_train=16, n_valid=0, size=64, bs=4, epochs=40, pct_start=0.25, lr=1e-3)   # n_valid=0: validate on the training images
+TASKS = ('detect', 'segment')
+SEG_DEMO_MASK_RATIO = 8   # the seg demo's mask grid: 1/8 of the image (the Seg variants use 1/4); see "The segmentation demo"
 
 def official_nano_weights() -> Path|None:
     "The official Nano checkpoint if it is in the weights cache with the official MD5 (nothing is downloaded)."
@@ -35,37 +41,46 @@ def official_nano_weights() -> Path|None:
     path = weights_cache_dir()/name
     return path if path.is_file() and md5sum(path) == PRETRAINED_WEIGHTS[name][1] else None
 
-def demo_plan(quick:bool=False, nano_weights=None, epochs:int|None=None) -> dict:
-    "What the demo trains: data sizes, batch size, epochs, the model (and its weights or learning rate)."
-    if quick: plan = {**QUICK, 'model': tiny_config(num_classes=len(SHAPE_CLASSES), hidden_dim=64)}
-    elif nano_weights: plan = {**NANO_FINE_TUNE, 'model': 'nano', 'pretrain_weights': str(nano_weights)}
-    else: plan = {**DEMO, 'model': demo_config(num_classes=len(SHAPE_CLASSES))}
-    return plan | ({'epochs': epochs} if epochs else {})
+def demo_model(quick:bool=False, task:str='detect') -> ModelConfig:
+    "The config the demo trains from scratch: `demo_config` (the tiny test model when `quick`), with a mask head for `'segment'`."
+    if task not in TASKS: raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+    seg = dict(segmentation_head=True, mask_downsample_ratio=SEG_DEMO_MASK_RATIO) if task == 'segment' else {}
+    n = len(SHAPE_CLASSES)
+    return tiny_config(num_classes=n, hidden_dim=64, **seg) if quick else demo_config(num_classes=n, **seg)
+
+def demo_plan(quick:bool=False, nano_weights=None, epochs:int|None=None, task:str='detect') -> dict:
+    "What the demo trains: data sizes, batch size, epochs, the model (and its weights or learning rate), masks for `'segment'`."
+    model = demo_model(quick, task)
+    if quick: plan = {**QUICK, 'model': model}
+    elif nano_weights and task == 'detect': plan = {**NANO_FINE_TUNE, 'model': 'nano', 'pretrain_weights': str(nano_weights)}
+    else: plan = {**DEMO, 'model': model}
+    return plan | {'masks': task == 'segment'} | ({'epochs': epochs} if epochs else {})
 
 # %% ../nbs/18_demo.ipynb #c009
 def demo_dataset(root, plan:dict) -> Path:
-    "The synthetic shapes dataset of `plan` under `root` (written once; with `n_valid=0` the training images validate too)."
-    folder = Path(root)/f"shapes_{plan['n_train']}_{plan['n_valid']}_{plan['size']}"
+    "The synthetic shapes dataset of `plan` under `root` (written once; with `n_valid=0` the training images validate too; outlines with `masks`)."
+    masks = plan.get('masks', False)
+    folder = Path(root)/(f"shapes_{plan['n_train']}_{plan['n_valid']}_{plan['size']}" + ('_masks' if masks else ''))
     if not (folder/'valid').exists():
-        synthetic_shapes(folder, n_train=plan['n_train'], n_valid=plan['n_valid'], size=plan['size'])
+        synthetic_shapes(folder, n_train=plan['n_train'], n_valid=plan['n_valid'], size=plan['size'], masks=masks)
         if not plan['n_valid']: shutil.copytree(folder/'train', folder/'valid')
     return folder
 
 # %% ../nbs/18_demo.ipynb #c012
 def demo_learner(data, plan:dict, output_dir, mixed_precision=False):
-    "`rfdetr_learner` for `plan` on the dataset `data`: DataLoaders at one size with horizontal flips only."
+    "`rfdetr_learner` for `plan` on the dataset `data`: DataLoaders at one size with horizontal flips only (and masks if the plan has them)."
     model = plan['model']
     cfg = model if isinstance(model, ModelConfig) else detector_class(model).config_class()
     dls = rfdetr_dls(data, bs=plan['bs'], resolution=plan['size'], block=cfg.block_size, multi_scale=False,
-                     scale_jitter=False, seed=0)
+                     scale_jitter=False, seed=0, masks=plan.get('masks', False))
     return rfdetr_learner(dls, model, pretrain_weights=plan.get('pretrain_weights'), output_dir=output_dir,
                           lr=plan.get('lr'), mixed_precision=mixed_precision)
-def train_demo(output_dir, plan:dict|None=None, mixed_precision=False):
+def train_demo(output_dir, plan:dict|None=None, mixed_precision=False, quiet:bool=False):
     "Fit `plan` (default: the demo's) on its synthetic dataset under `output_dir`, where the checkpoints go; returns the learner."
     plan = plan or demo_plan()
     torch.manual_seed(0)
     learn = demo_learner(demo_dataset(output_dir, plan), plan, output_dir, mixed_precision)
-    learn.fit_one_cycle(plan['epochs'], pct_start=plan['pct_start'])
+    with (learn.no_bar(), learn.no_logging()) if quiet else nullcontext(): learn.fit_one_cycle(plan['epochs'], pct_start=plan['pct_start'])
     return learn
 
 
@@ -92,46 +107,53 @@ def main(output_dir:str='demo_output',   # dataset, checkpoints and history.csv 
          epochs:int=None,                # training epochs (default: the plan's)
          quick:bool=False,               # a run of seconds for tests: the tiny model memorises 16 images
          bf16:bool=False,                # bfloat16 autocast where the device has it (default: float32; see the notebook)
-         threads:int=None):              # PyTorch threads (default: PyTorch's choice, one per core)
-    "Train a detector on the synthetic shapes dataset from scratch (or fine-tune cached Nano weights), score it and draw a prediction."
+         threads:int=None,               # PyTorch threads (default: PyTorch's choice, one per core)
+         task:str='detect'):             # 'detect' (boxes) or 'segment' (boxes and masks: a model with the mask head)
+    "Train a detector (or, with `--task segment`, a segmentation model) on the synthetic shapes from scratch, score it and draw a prediction."
     t0 = time.perf_counter()
     if threads: torch.set_num_threads(threads)
-    nano = None if quick else official_nano_weights()
-    if not (quick or nano):
+    nano = None if quick or task != 'detect' else official_nano_weights()
+    if not (quick or nano or task != 'detect'):
         print(f"The official Nano weights are not in {weights_cache_dir()} (with {detector_class('nano').config_class.pretrained_file} "
               "there, the demo fine-tunes Nano instead); nothing is downloaded: training from scratch.")
-    plan = demo_plan(quick, nano, epochs)
+    plan = demo_plan(quick, nano, epochs, task)
     data = demo_dataset(output_dir, plan)
     what = f"Nano from the official weights ({nano})" if nano else \
            'the tiny test model (quick: it memorises its training images)' if quick else 'demo_config from scratch'
     print(f"Dataset: {data} ({plan['n_train']} training, {plan['n_valid'] or plan['n_train']} validation images, "
-          f"{plan['size']} px). Training {what}: {plan['epochs']} epochs of batches of {plan['bs']}, "
-          f"{torch.get_num_threads()} threads.")
+          f"{plan['size']} px{', with masks' if plan['masks'] else ''}). Training {what}{' with the mask head' if plan['masks'] else ''}: "
+          f"{plan['epochs']} epochs of batches of {plan['bs']}, {torch.get_num_threads()} threads.")
     rf = train_demo(output_dir, plan, mixed_precision='auto' if bf16 else False).detector
     result = rf.evaluate(data, 'valid', progress=False)
     minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
-    print(f"Validation split: mAP {result['map']:.3f}, mAP50 {result['map50']:.3f} "
+    masks = f", mask mAP {result['mask_map']:.3f}, mask mAP50 {result['mask_map50']:.3f}" if plan['masks'] else ''
+    print(f"Validation split: mAP {result['map']:.3f}, mAP50 {result['map50']:.3f}{masks} "
           f"(trained and scored in {minutes} min {seconds:02d} s). Checkpoints in {Path(output_dir).resolve()}")
     valid = load_dataset(data, 'valid')
     path = valid.image_paths[demo_image_index(valid)]
     det = rf.predict(path, threshold=0.5)
-    print(f"{len(det)} detections scoring ≥ 0.5 in {path}:")
+    print(f"{len(det)} detections scoring ≥ 0.5 in {path}{' (each with a mask)' if det.mask is not None else ''}:")
     for line in describe_detections(det, valid.annotations[path], valid.classes): print('  ' + line)
     annotate(load_image(path), det).save(out)
     print(f"Annotated image saved to {Path(out).resolve()}")
     return result
 
 # %% ../nbs/18_demo.ipynb #c031
-def trained_demo(folder=None) -> tuple[Path, Path]:
-    "(checkpoint, dataset folder) of the demo's trained detector in `folder` (default: the weights cache's `demo/`), trained once if missing."
-    folder = Path(folder or weights_cache_dir()/'demo')
-    if not (folder/'checkpoint_best_total.pth').exists():
-        partial = folder.with_name(folder.name + '.partial')
-        shutil.rmtree(partial, ignore_errors=True)
-        train_demo(partial)
-        partial.rename(folder)
-    return folder/'checkpoint_best_total.pth', demo_dataset(folder, demo_plan())
-
+def trained_demo(folder=None, task:str='detect') -> tuple[Path, Path]:
+    "(checkpoint, dataset folder) of the demo's trained model for `task` in `folder` (default: the weights cache's `demo/` or `demo-seg/`), trained once if missing."
+    folder = Path(folder or weights_cache_dir()/('demo' if task == 'detect' else 'demo-seg'))
+    plan = demo_plan(task=task)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + '.lock'), 'a') as lock:          # a second process waits for the first's training
+        if fcntl: fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder/'checkpoint_best_total.pth').exists():
+            print(f"Training the demo's {'segmentation model' if plan['masks'] else 'detector'} once, from scratch (about "
+                  f"{'10' if plan['masks'] else '5'} minutes on 2 CPU cores; see 18_demo); it is kept in {folder} for next time.")
+            partial = folder.with_name(folder.name + '.partial')
+            shutil.rmtree(partial, ignore_errors=True)
+            train_demo(partial, plan, quiet=True)
+            partial.rename(folder)
+    return folder/'checkpoint_best_total.pth', demo_dataset(folder, plan)
 
 # %% ../nbs/18_demo.ipynb #c024
 def demo_image(width:int=640, height:int=480, seed:int=0) -> Image.Image:

@@ -161,9 +161,10 @@ def check_class_names(model_names:dict[int, str], classes:list[str]):
 
 @patch
 def evaluate(self:RFDETR, dataset_dir, split:str='valid', threshold:float=0.0, batch_size:int=8, progress:bool=True,
-             verbose:bool=False) -> Evaluation:
-    "COCO metrics of this model on the `split` of the dataset in `dataset_dir` (every top-k box by default)."
-    dataset = load_dataset(dataset_dir, split)
+             verbose:bool=False, masks:bool|None=None) -> Evaluation:
+    "COCO metrics of this model on the `split` of the dataset in `dataset_dir` (every top-k box by default); mask metrics too for a Seg model (`masks=False`: boxes only)."
+    if masks is None: masks = self.model.model.cfg.segmentation_head
+    dataset = load_dataset(dataset_dir, split, masks=masks)
     check_class_names(self.class_id_names, dataset.classes)
     return evaluate(partial(self.predict, include_source_image=False), dataset, batch_size=batch_size,
                     threshold=threshold, progress=progress, verbose=verbose)

@@ -1,4 +1,4 @@
-"""Write the detector as an ONNX file that needs nothing but ONNX Runtime, check it gives PyTorch's numbers, predict with it (in float32 or int8) exactly as `predict` does.
+"""Write the detector (a segmentation model with its masks) as an ONNX file that needs nothing but ONNX Runtime, check it gives PyTorch's numbers, predict with it (in float32 or int8) exactly as `predict` does.
 
 Docs: https://rfdetr-nb.github.io/rfdetr_nb/export.html.md"""
 
@@ -30,14 +30,15 @@ from .data import load_dataset
 from .metrics import evaluate
 
 # %% auto #0
-__all__ = ['OPSETS', 'QUANTIZED_OPS', 'TFLITE_OPSET', 'OPENVINO_HINTS', 'OPENVINO_FLOAT_SCOPE', 'BackboneFeatures',
-           'export_network', 'check_quantization', 'check_export_args', 'export_metadata', 'decode_metadata',
-           'read_metadata', 'output_names', 'write_onnx', 'calibration_inputs', 'calibration_batches', 'weight_nodes',
-           'quiet_logging', 'int8_path', 'quantize_onnx', 'sample_input', 'export_path', 'onnx_session',
-           'max_abs_errors', 'ExportedPredictor', 'OnnxPredictor', 'tflite_paths', 'quiet_converter',
-           'tflite_converter', 'tflite_runner', 'run_tflite', 'fold_static', 'convert_float', 'quantize_tflite',
-           'export_tflite', 'TFLitePredictor', 'openvino_paths', 'openvino_runtime', 'openvino_metadata',
-           'quantize_openvino', 'export_openvino', 'openvino_config', 'OpenVinoPredictor', 'file_mb', 'export_accuracy']
+__all__ = ['OPSETS', 'QUANTIZED_OPS', 'PREDICTOR_OUTPUTS', 'TFLITE_OPSET', 'OPENVINO_HINTS', 'OPENVINO_FLOAT_SCOPE',
+           'BackboneFeatures', 'export_network', 'check_quantization', 'check_export_args', 'export_metadata',
+           'decode_metadata', 'read_metadata', 'output_names', 'write_onnx', 'calibration_inputs',
+           'calibration_batches', 'weight_nodes', 'quiet_logging', 'int8_path', 'quantize_onnx', 'sample_input',
+           'export_path', 'onnx_session', 'max_abs_errors', 'predictor_outputs', 'ExportedPredictor', 'OnnxPredictor',
+           'tflite_paths', 'quiet_converter', 'tflite_converter', 'tflite_source', 'onnx_layout', 'tflite_runner',
+           'run_tflite', 'fold_static', 'convert_float', 'quantize_tflite', 'export_tflite', 'TFLitePredictor',
+           'openvino_paths', 'openvino_runtime', 'openvino_metadata', 'quantize_openvino', 'export_openvino',
+           'openvino_config', 'OpenVinoPredictor', 'file_mb', 'export_accuracy']
 
 # %% ../nbs/15_export.ipynb #c005
 class BackboneFeatures(nn.Module):
@@ -87,7 +88,7 @@ def export_metadata(rf:RFDETR, shape:tuple[int, int], backbone_only:bool=False, 
     meta = dict(producer=f'rfdetr_nb {__version__}', model_name=type(rf).__name__, model_size=rf.size, resolution=cfg.resolution,
                 input_shape=list(shape), patch_size=cfg.patch_size, num_windows=cfg.num_windows, num_classes=cfg.num_classes,
                 num_queries=cfg.num_queries, num_select=cfg.num_select, class_ids=list(names), class_names=list(names.values()),
-                backbone_only=backbone_only, dynamic_batch=dynamic_batch)
+                backbone_only=backbone_only, dynamic_batch=dynamic_batch, segmentation=cfg.segmentation_head and not backbone_only)
     meta = {k: json.dumps(v) for k, v in meta.items()}
     if notes is not None: meta['rfdetr_notes'] = notes if isinstance(notes, str) else json.dumps(notes)
     return meta
@@ -106,8 +107,8 @@ def read_metadata(path) -> dict:
 
 # %% ../nbs/15_export.ipynb #c014
 def output_names(net:nn.Module, x:torch.Tensor) -> list[str]:
-    "Graph output names: `dets`, `labels` for a detector; `features` (or `features_0`, …) for a backbone."
-    if not isinstance(net, BackboneFeatures): return ['dets', 'labels']
+    "Graph output names: `dets`, `labels` (and `masks` for a segmentation model) for a detector; `features` (or `features_0`, …) for a backbone."
+    if not isinstance(net, BackboneFeatures): return ['dets', 'labels'] + (['masks'] if net.segmentation_head is not None else [])
     with torch.no_grad(): n = len(net(x[:1]))
     return ['features'] if n == 1 else [f'features_{i}' for i in range(n)]
 
@@ -220,7 +221,7 @@ def export_path(rf:RFDETR, output_dir, backbone_only:bool=False) -> Path:
 def export(self:RFDETR, output_dir="output", infer_dir=None, backbone_only:bool=False, opset_version:int=17, verbose:bool=True,
            shape=None, batch_size:int=1, dynamic_batch:bool=False, patch_size=None, format:str="onnx", quantization=None,
            calibration_data=None, max_images:int=100, *, notes=None) -> Path:
-    "Export the detector to `<output_dir>/<size>.onnx` (and its int8, TFLite or OpenVINO form); returns the file asked for."
+    "Export the detector (with its masks, for a segmentation model) to `<output_dir>/<size>.onnx` (and its int8, TFLite or OpenVINO form); returns the file asked for."
     shape = check_export_args(self, shape, patch_size, format, quantization, opset_version, batch_size, dynamic_batch, max_images)
     static_int8 = quantization == 'int8'
     calibration = calibration_inputs(calibration_data, shape, max_images) if static_int8 else None
@@ -230,14 +231,14 @@ def export(self:RFDETR, output_dir="output", infer_dir=None, backbone_only:bool=
     path = write_onnx(net, sample_input(infer_dir, shape, batch_size), export_path(self, output_dir, backbone_only),
                       export_metadata(self, shape, backbone_only, dynamic_batch, notes),
                       max(opset_version, TFLITE_OPSET) if format == 'tflite' else opset_version, dynamic_batch)
-    if verbose: print(f"Exported {path} ({shape[0]}×{shape[1]}, batch {'dynamic' if dynamic_batch else batch_size})")
+    if verbose: print(f"Exported {path.name} ({shape[0]}×{shape[1]}, batch {'dynamic' if dynamic_batch else batch_size})")
     if format == 'tflite':
         return export_tflite(path, quantization=quantization, calibration=calibration, verbose=verbose)
     if format == 'openvino':
         return export_openvino(path, quantization=quantization, calibration=calibration, verbose=verbose)
     if quantization in ('int8', 'int8-dynamic'):
         path = quantize_onnx(path, calibration, dynamic=quantization == 'int8-dynamic')
-        if verbose: print(f"Quantised to {path}")
+        if verbose: print(f"Quantised to {path.name}")
     return path
 
 # %% ../nbs/15_export.ipynb #c025
@@ -255,11 +256,23 @@ def max_abs_errors(path, net:nn.Module, x:torch.Tensor) -> dict[str, float]:
     return {o.name: float(np.abs(g - w.numpy()).max()) for o, g, w in zip(sess.get_outputs(), got, want)}
 
 # %% ../nbs/15_export.ipynb #c034
+PREDICTOR_OUTPUTS = {'dets': 'pred_boxes', 'labels': 'pred_logits', 'masks': 'pred_masks'}   # file output → what `PostProcess` reads
+
+def predictor_outputs(path, names:list[str], metadata:dict) -> list[str]:
+    "The outputs of the file `path` (outputs `names`) a predictor reads — `dets`, `labels`, and `masks` if it segments — or a clear `ValueError`."
+    if list(names[:2]) != ['dets', 'labels']:
+        raise ValueError(f"{path} has outputs {names}, not a detector's 'dets' and 'labels' (a backbone-only export?).")
+    if metadata.get('segmentation') and 'masks' not in names:
+        raise ValueError(f"{path} is a segmentation model's export (its metadata says so) but has no 'masks' output "
+                         f"(outputs {names}): export the model again.")
+    return [n for n in PREDICTOR_OUTPUTS if n in names]
+
 class ExportedPredictor:
     "`predict` for an exported file: `RFDETR.predict`'s pre- and post-processing around a subclass's `forward`."
-    def setup(self, path, shape, batch_size, metadata:dict, n_slots:int, n_boxes:int):
-        "Store the file's input `shape` and `batch_size` (None: dynamic), class names from `metadata`, the post-processing."
+    def setup(self, path, shape, batch_size, metadata:dict, n_slots:int, n_boxes:int, outputs:list[str]):
+        "Store the file's input `shape`, `batch_size` (None: dynamic) and `outputs` to read, class names from `metadata`, the post-processing."
         self.path, self.shape, self.batch_size, self.metadata = Path(path), tuple(shape), batch_size, metadata
+        self.outputs = predictor_outputs(path, list(outputs), metadata)
         self.class_id_names = (dict(zip(metadata['class_ids'], metadata['class_names'])) if 'class_names' in metadata
                                else class_name_map(None, n_slots - 1))
         self.postprocess = PostProcess(metadata.get('num_select', n_boxes))
@@ -267,23 +280,25 @@ class ExportedPredictor:
     @property
     def class_names(self) -> list[str]: return list(self.class_id_names.values())
 
+    @property
+    def segments(self) -> bool: return 'masks' in self.outputs
+
     def __repr__(self): return f"{type(self).__name__}({self.path.name!r}, shape={self.shape}, batch_size={self.batch_size or 'dynamic'})"
 
-    def run(self, x:np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        "(dets, labels) of one chunk of the file's batch size."
+    def run(self, x:np.ndarray) -> list[np.ndarray]:
+        "The file's `self.outputs` (dets, labels[, masks]) on one chunk of its batch size."
         raise NotImplementedError
 
     def forward(self, batch:torch.Tensor) -> dict:
-        "A normalised batch `[B,3,h,w]` → `pred_boxes` `[B,Q,4]`, `pred_logits` `[B,Q,C]` (in chunks of a fixed batch size)."
+        "A normalised batch `[B,3,h,w]` → `pred_boxes` `[B,Q,4]`, `pred_logits` `[B,Q,C]`[, `pred_masks` `[B,Q,h/4,w/4]`], in chunks of a fixed batch size."
         x = batch.cpu().numpy()
         n = self.batch_size or len(x)
         x = np.concatenate([x, np.zeros((-len(x) % n, *x.shape[1:]), x.dtype)])             # pad to whole chunks
         outs = [self.run(x[i:i + n]) for i in range(0, len(x), n)]
-        boxes, logits = (torch.from_numpy(np.concatenate(o)[:len(batch)]) for o in zip(*outs))
-        return {'pred_boxes': boxes, 'pred_logits': logits}
+        return {PREDICTOR_OUTPUTS[k]: torch.from_numpy(np.concatenate(o)[:len(batch)]) for k, o in zip(self.outputs, zip(*outs))}
 
     def predict(self, images, threshold:float=0.5, include_source_image:bool=True) -> sv.Detections|list[sv.Detections]:
-        "Detect objects in one image or a list of images (paths, URLs, PIL, arrays, tensors), as `RFDETR.predict`."
+        "Detect (and segment, if the file has masks) objects in one image or a list of images (paths, URLs, PIL, arrays, tensors), as `RFDETR.predict`."
         check_threshold(threshold)
         tensors, batch, single = images_to_batch(images, self.shape)
         dets = outputs_to_detections(self.forward(batch), tensors, self.postprocess, self.class_id_names, threshold,
@@ -295,16 +310,14 @@ class OnnxPredictor(ExportedPredictor):
     def __init__(self, path, threads:int|None=None):
         if not Path(path).is_file(): raise FileNotFoundError(f"ONNX file {path} does not exist.")
         self.session = onnx_session(path, threads)
-        outs = self.session.get_outputs()
-        if [o.name for o in outs][:2] != ['dets', 'labels']:
-            raise ValueError(f"{path} has outputs {[o.name for o in outs]}, not a detector's 'dets' and 'labels' (a backbone-only export?).")
+        outs, meta = self.session.get_outputs(), decode_metadata(self.session.get_modelmeta().custom_metadata_map)
+        predictor_outputs(path, [o.name for o in outs], meta)       # a backbone-only file fails here
         inp = self.session.get_inputs()[0]
         b, _, h, w = inp.shape
         self.input_name = inp.name
-        self.setup(path, (h, w), b if isinstance(b, int) else None, decode_metadata(self.session.get_modelmeta().custom_metadata_map),
-                   outs[1].shape[-1], outs[0].shape[1])
+        self.setup(path, (h, w), b if isinstance(b, int) else None, meta, outs[1].shape[-1], outs[0].shape[1], [o.name for o in outs])
 
-    def run(self, x): return self.session.run(['dets', 'labels'], {self.input_name: x})
+    def run(self, x): return self.session.run(self.outputs, {self.input_name: x})
 
 
 # %% ../nbs/15_export.ipynb #c061
@@ -339,13 +352,33 @@ def tflite_converter():
     except ImportError as e: raise _missing_extra(e) from e
     return onnx2tf, tf
 
+def tflite_source(path) -> Path:
+    "The ONNX file the TFLite file `path` was converted from, beside it: `rfdetr-nano.fp32.tflite` → `rfdetr-nano.onnx`."
+    path = Path(path)
+    return path.with_name(path.name.rsplit('.', 2)[0] + '.onnx')
+
+def onnx_layout(outputs:dict[str, np.ndarray], shapes:dict[str, list]) -> dict[str, np.ndarray]:
+    "TFLite `outputs` in the ONNX file's layout (output `shapes`): a 4-D output that came back channels-last (`[B,H,W,C]` for `[B,C,H,W]`) transposed back."
+    def fix(name, a):
+        want = shapes.get(name)
+        if want is None or a.ndim != 4 or list(a.shape[1:]) == list(want[1:]): return a
+        if list(a.shape[1:]) == [want[2], want[3], want[1]]: return a.transpose(0, 3, 1, 2)
+        raise ValueError(f"TFLite output {name!r} has shape {list(a.shape)}, which is neither layout of the ONNX file's {want}.")
+    return {k: fix(k, v) for k, v in outputs.items()}
+
 def tflite_runner(path, threads:int|None=None):
-    "A function giving the outputs by name of the TFLite file `path` (LiteRT interpreter) on a normalised batch `x` `[B,3,H,W]`."
+    "A function giving the outputs by name (its `outputs`) of the TFLite file `path` (LiteRT interpreter) on a normalised batch `x` `[B,3,H,W]`, in the layout of the ONNX file beside it."
     try: from ai_edge_litert.interpreter import Interpreter
     except ImportError as e: raise _missing_extra(e) from e
     with quiet_converter():                                         # LiteRT's note about its CPU delegate
-        run = Interpreter(model_path=str(path), num_threads=threads).get_signature_runner()
-    return lambda x: run(input=np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32))  # the file takes NHWC
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        run = interpreter.get_signature_runner()
+    source = tflite_source(path)
+    g = onnx.load(str(source), load_external_data=False).graph if source.is_file() else None
+    shapes = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in g.output} if g else {}
+    def runner(x): return onnx_layout(run(input=np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)), shapes)  # the file takes NHWC
+    runner.outputs = list(run.get_output_details())
+    return runner
 
 def run_tflite(path, x:np.ndarray, threads:int|None=None) -> dict[str, np.ndarray]:
     "Outputs by name of the TFLite file `path` in the LiteRT interpreter on a normalised batch `x` `[B,3,H,W]`."
@@ -427,18 +460,18 @@ class TFLitePredictor(ExportedPredictor):
     def __init__(self, path, threads:int|None=None):
         path = Path(path)
         if not path.is_file(): raise FileNotFoundError(f"TFLite file {path} does not exist.")
-        source = path.with_name(path.name.rsplit('.', 2)[0] + '.onnx')
+        source = tflite_source(path)
         if not source.is_file():
             raise FileNotFoundError(f"{path} needs the ONNX file it was converted from beside it ({source.name}): it holds the "
                                     "class names and input shape. Export again with format='tflite' to get both.")
         self.runner = tflite_runner(path, threads)
         meta = read_metadata(source)
         batch = onnx.load(str(source), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_value
-        self.setup(path, meta['input_shape'], batch, meta, meta['num_classes'] + 1, meta['num_select'])
+        self.setup(path, meta['input_shape'], batch, meta, meta['num_classes'] + 1, meta['num_select'], self.runner.outputs)
 
     def run(self, x):
         out = self.runner(x)
-        return out['dets'], out['labels']
+        return [out[k] for k in self.outputs]
 
 
 # %% ../nbs/15_export.ipynb #c081
@@ -504,17 +537,16 @@ class OpenVinoPredictor(ExportedPredictor):
         core = openvino_runtime().Core()
         model = core.read_model(str(path))
         names = [o.get_any_name() for o in model.outputs]
-        if names[:2] != ['dets', 'labels']:
-            raise ValueError(f"{path} has outputs {names}, not a detector's 'dets' and 'labels' (a backbone-only export?).")
         meta = openvino_metadata(model)
+        predictor_outputs(path, names, meta)                         # a backbone-only file fails before compiling
         self.request = core.compile_model(model, 'CPU', openvino_config(core, meta.get('quantization', 'fp32'), threads)).create_infer_request()
         b, _, h, w = (d.get_length() if d.is_static else None for d in model.input(0).get_partial_shape())
         self.setup(path, (h, w), b, meta, model.output('labels').get_partial_shape()[2].get_length(),
-                   model.output('dets').get_partial_shape()[1].get_length())
+                   model.output('dets').get_partial_shape()[1].get_length(), names)
 
     def run(self, x):
         out = self.request.infer({0: x})
-        return out['dets'], out['labels']
+        return [out[k] for k in self.outputs]
 
 # %% ../nbs/15_export.ipynb #c074
 def file_mb(path) -> float:

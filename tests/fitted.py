@@ -52,3 +52,28 @@ def keeps_detections(want, got, threshold:float=0.5, loose:float=0.25) -> bool:
     q_boxes, _, q_cls = detections(got, loose)
     iou = box_iou(boxes, q_boxes).numpy() * (cls[:, None] == q_cls[None])  # same class only
     return len(boxes) >= 1 and bool((iou.max(1, initial=0) >= 0.5).all())
+
+SEG_SHAPE = (64, 96)   # not square, and Q=10, h/4=16, w/4=24 all differ: a channels-last `masks` could not pass for [B,Q,h,w]
+
+def seg_detector():
+    "A random-weight tiny segmentation model (3 classes, 10 queries) for the export tests: masks need no training to be compared."
+    torch.manual_seed(0)
+    return tiny_detector(num_classes=3, segmentation_head=True)
+
+def seg_images() -> list[np.ndarray]:
+    "Two random RGB images of other sizes than the export shape (masks come back at the images' own sizes)."
+    rng = np.random.default_rng(0)
+    return [(rng.random((120, 200, 3)) * 255).astype(np.uint8), (rng.random((90, 70, 3)) * 255).astype(np.uint8)]
+
+def mask_ious(a:np.ndarray, b:np.ndarray) -> np.ndarray:
+    "IoU of each pair of boolean masks `[K,h,w]` (1 where both are empty)."
+    inter, union = (a & b).sum((1, 2)), (a | b).sum((1, 2))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+def assert_same_segments(got, want, iou:float=0.99, conf_atol:float=1e-4):
+    "Exported predictions `got` against `RFDETR.predict`'s `want` (lists of `sv.Detections`): same classes and scores, masks of IoU ≥ `iou`."
+    for g, w in zip(got, want):
+        assert len(g) == len(w) > 0 and g.mask is not None and g.mask.shape == w.mask.shape and g.mask.dtype == bool
+        np.testing.assert_array_equal(g.class_id, w.class_id)
+        np.testing.assert_allclose(g.confidence, w.confidence, atol=conf_atol)
+        assert mask_ious(g.mask, w.mask).min() >= iou, mask_ious(g.mask, w.mask)

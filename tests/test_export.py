@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 from oracle import reference_model, save_official
+from fitted import SEG_SHAPE, assert_same_segments, seg_detector, seg_images
 import rfdetr_nb
 from rfdetr_nb.backbone import fast_kernels
 from rfdetr_nb.export import OnnxPredictor, export_network, max_abs_errors, onnx_session, read_metadata
@@ -73,6 +74,7 @@ def test_predictor_matches_predict(nano, nano_onnx):
         np.testing.assert_allclose(g.confidence, w.confidence, atol=1e-4)
         np.testing.assert_array_equal(g.class_id, w.class_id)
         np.testing.assert_array_equal(g.data['class_name'], w.data['class_name'])
+        assert g.mask is None
     assert str(got[0].data['class_name'][0]).startswith('thing ')
 
 def test_infer_dir_images_trace_a_batch(tmp_path):
@@ -86,3 +88,37 @@ def test_infer_dir_images_trace_a_batch(tmp_path):
     assert max(max_abs_errors(path, export_network(rf, (64, 64)), torch.randn(3, 3, 64, 64)).values()) <= 1e-4
     got = OnnxPredictor(path).predict([np.zeros((30, 40, 3), np.uint8)] * 4, threshold=0.0)   # 4 images: chunks of 3, padded
     assert [len(d) for d in got] == [10] * 4
+
+
+@pytest.fixture(scope='module')
+def seg(tmp_path_factory):
+    "A tiny random-weight segmentation model and its dynamic-batch ONNX file of a non-square shape."
+    rf = seg_detector()
+    return rf, rf.export(tmp_path_factory.mktemp('seg'), shape=SEG_SHAPE, dynamic_batch=True, verbose=False)
+
+def test_seg_onnx_has_masks_matching_pytorch(seg):
+    "A segmentation model's file adds `masks` [B,Q,H/4,W/4] (logits) and says it segments; ORT equals PyTorch within 1e-4."
+    rf, path = seg
+    assert io_of(path) == [('input', ['batch', 3, 64, 96]), ('dets', ['batch', 10, 4]), ('labels', ['batch', 10, 4]),
+                           ('masks', ['batch', 10, 16, 24])]
+    assert read_metadata(path)['segmentation'] is True
+    net = export_network(rf, SEG_SHAPE)
+    for b in (1, 2):
+        errs = max_abs_errors(path, net, torch.randn(b, 3, *SEG_SHAPE, generator=torch.Generator().manual_seed(b)))
+        assert max(errs.values()) <= 1e-4, (b, errs)
+
+def test_seg_predictor_masks_match_predict(seg):
+    """OnnxPredictor's masks come out of `predict`'s own PostProcess: [K,h,w] bool at each image's size, as `RFDETR.predict`'s.
+    The mask logits agree to ~1e-5, so only a pixel whose upsampled logit is that close to 0 could flip: IoU ≥ 0.99."""
+    rf, path = seg
+    p = OnnxPredictor(path)
+    assert p.segments and p.outputs == ['dets', 'labels', 'masks']
+    assert_same_segments(p.predict(seg_images(), threshold=0.0), rf.predict(seg_images(), threshold=0.0, shape=SEG_SHAPE))
+
+def test_seg_file_without_masks_is_refused(seg, tmp_path):
+    "A file whose metadata says it segments but has no `masks` output fails with a clear error, not a detector without masks."
+    _, path = seg
+    m = onnx.load(str(path))
+    m.graph.output.remove(next(o for o in m.graph.output if o.name == 'masks'))
+    onnx.save(m, str(tmp_path / 'cut.onnx'))
+    with pytest.raises(ValueError, match="segmentation model's export .* no 'masks' output"): OnnxPredictor(tmp_path / 'cut.onnx')

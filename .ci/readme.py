@@ -14,4 +14,9 @@ for c in cells:
 readme = '\n\n'.join(parts) + '\n'
 readme = readme.replace('\n> ', '\n', 1) if readme.startswith('# ') else readme
 readme = re.sub(r'\]\((\w+\.ipynb)\)', r'](nbs/\1)', readme)     # links between notebooks, from the repository root
+# the site's pages (`config.html`, named after the module) → their notebooks: `[00_config](config.html)` by its text,
+# other links (`[What we measured](demo.html#what-we-measured)`) by the notebook whose page it is
+readme = re.sub(r'\[(\d+\w*?_(\w+))\]\(\2\.html\)', r'[\1](nbs/\1.ipynb)', readme)
+pages = {re.sub(r'^\d+[a-zA-Z0-9]*_', '', p.stem.lower()) + '.html': p.name for p in sorted((root / 'nbs').glob('*.ipynb'))}
+readme = re.sub(r'\]\((\w+\.html)(#[\w-]*)?\)', lambda m: f'](nbs/{pages[m[1]]})' if m[1] in pages else m[0], readme)
 (root / 'README.md').write_text('<!-- Generated from nbs/index.ipynb by .ci/readme.py (or nbdev-readme); do not edit. -->\n\n' + readme)

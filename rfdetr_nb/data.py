@@ -493,7 +493,7 @@ def synthetic_shapes(path, n_train:int=400, n_valid:int=100, n_test:int=0, size:
     return root
 
 # %% ../nbs/11_data.ipynb #c043
-def show_boxes(image, xyxy, names=None, ctx=None, text_size:int=8, masks=None, **kwargs):
+def show_boxes(image, xyxy, names=None, ctx=None, text_size:int=11, masks=None, **kwargs):
     "Show `image` (HWC or CHW) on the matplotlib axis `ctx` with boxes `xyxy [N,4]` in pixels, labelled by `names`, and `masks [N,H,W]` tinted."
     ctx = show_image(image, ctx=ctx, **kwargs)
     if masks is not None and len(masks):

@@ -226,7 +226,8 @@ def refresh(self:DetectionViewer):
     self._sync_classes()
     det, src = self.current_detections, self.sources[self._index]
     self.image.value = png_bytes(self.render())
-    self.table.value = detections_table(det).to_html(index=False, float_format='{:.1f}'.format) if len(det) else \
+    self.table.value = detections_table(det).to_html(index=False, float_format='{:.1f}'.format,   # pixels to 1/10
+                                                     formatters={'confidence': '{:.2f}'.format}) if len(det) else \
                        f'<i>{NO_DETECTIONS}</i>' 
     name = Path(src).name if isinstance(src, (str, Path)) else f'image {self._index}'
     self.position.value = f'{self._index + 1} / {len(self.sources)} · {name} · {len(det)} of {len(self.all_detections)} detections'

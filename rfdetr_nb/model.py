@@ -86,10 +86,12 @@ class LWDETR(nn.Module):
 
     def mask_outputs(self, feat:torch.Tensor, t:TransformerOutput, image_size) -> list:
         "Masks of each decoder layer in `t.hs`, then of the encoder outputs (not in export); sparse forms in training."
-        head = self.segmentation_head
+        head, dense = self.segmentation_head, not self.training                  # evaluation: logits, made layer by layer
         pixels = head.upsample(feat, image_size)                                 # [B,D,H/4,W/4]
-        out = head(pixels, t.hs) + ([] if self.exporting else [head.features(pixels, t.enc_states)])
-        return out if self.training else [head.mask_logits(o) for o in out]
+        out = head(pixels, t.hs, dense)
+        if self.exporting: return out
+        enc = head.features(pixels, t.enc_states)
+        return out + [head.mask_logits(enc) if dense else enc]
 
     def export(self, shape:tuple[int, int]|None=None, portable:bool=True):
         "Switch to the export forward for images of `shape` (default: the config's square resolution)."

@@ -61,12 +61,14 @@ class SegmentationHead(nn.Module):
                 'query_features': self.query_features_proj(self.query_features_block(states)), # [B,N,D]
                 'bias': self.bias}                                                            # [1]
 
-    def forward(self, pixels:torch.Tensor, hs:torch.Tensor) -> list[dict]:
-        "Sparse forms for the last `len(hs)` decoder layers (states `[L',B,N,D]`); each block refines `pixels` in turn."
+    def forward(self, pixels:torch.Tensor, hs:torch.Tensor, dense:bool=False) -> list:
+        "Sparse forms (`dense`: mask logits `[B,N,H/r,W/r]`) for the last `len(hs)` decoder layers (states `[L',B,N,D]`); each block refines `pixels` in turn."
         skip, out = len(self.blocks) - len(hs), []
         for i, block in enumerate(self.blocks):
             pixels = block(pixels)
-            if i >= skip: out.append(self.features(pixels, hs[i - skip]))
+            if i >= skip:
+                f = self.features(pixels, hs[i - skip])
+                out.append(self.mask_logits(f) if dense else f)   # dense: one layer's projected pixels alive at a time
         return out
 
     def mask_logits(self, f:dict) -> torch.Tensor:

@@ -12,21 +12,23 @@ import numpy as np
 import onnxruntime
 import torch
 from fastcore.script import call_parse
+from fastai.torch_core import to_float
 import itertools
-from .config import VARIANT_CONFIGS, TrainConfig, ModelConfig, variant_config
+from .config import VARIANT_CONFIGS, SEG_VARIANT_CONFIGS, TrainConfig, ModelConfig, variant_config
 from .model import LWDETR
 from .checkpoint import random_checkpoint
 from .api import detector_class
 from .export import OpenVinoPredictor, calibration_inputs, export_openvino, onnx_session, quantize_onnx, read_metadata
-from .loss import DetrLoss
+from .loss import DetrLoss, xyxy
 from .learner import ScaledAdamW, scaled_param_groups, training_recipe, cpu_has_bf16
 
 # %% auto #0
-__all__ = ['OPTIMIZED', 'TRAIN_SETTINGS', 'median_times', 'build_detector', 'reference_available', 'rss_mb', 'peak_growth_mb',
-           'forward_peak_mb', 'peak_mb_subprocess', 'forward_peak_mb_subprocess', 'time_detectors', 'onnx_files',
-           'openvino_files', 'time_onnx', 'onnx_profile', 'train_batches', 'our_optimizer', 'reference_criterion',
-           'reference_optimizer', 'training_step', 'train_step_of', 'train_settings', 'time_training', 'train_peak_mb',
-           'train_main', 'report', 'main']
+__all__ = ['OPTIMIZED', 'FRAME', 'TRAIN_SETTINGS', 'median_times', 'build_detector', 'reference_available', 'rss_mb',
+           'peak_growth_mb', 'forward_peak_mb', 'peak_mb_subprocess', 'forward_peak_mb_subprocess', 'random_image',
+           'predict_frame', 'time_detectors', 'predict_peak_mb', 'onnx_files', 'openvino_files', 'time_onnx',
+           'onnx_profile', 'box_masks', 'train_batches', 'our_optimizer', 'reference_criterion', 'reference_optimizer',
+           'training_step', 'train_step_of', 'train_settings', 'time_training', 'train_peak_mb', 'train_main', 'report',
+           'main']
 
 # %% ../nbs/17_benchmark.ipynb #c005
 def median_times(fns:dict, warmup:int=3, runs:int=10, clock=time.perf_counter) -> dict:
@@ -95,13 +97,24 @@ def forward_peak_mb_subprocess(impl:str, size:str, weights) -> float:
 OPTIMIZED = {'predict_traced_ms': dict(compile=True, dtype=torch.float32),
              'predict_bf16_ms': dict(compile=True, dtype=torch.bfloat16)}
 
-def time_detectors(dets:dict, warmup:int, runs:int, predict:bool, optimized:bool=False) -> dict:
-    "Forward, `predict` and (if `optimized`) optimised-`predict` median latency in ms of each detector in `dets`."
+FRAME = (720, 1280)   # (H, W) of the frame a segmentation model's `predict` is also timed on
+
+def random_image(h:int, w:int, seed:int=0) -> np.ndarray:
+    "A random `h × w` RGB image (uint8)."
+    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+def predict_frame(det):
+    "`det.predict` on a 1280×720 frame keeping every detection (threshold 0: all `num_select`, each with its full-size mask)."
+    frame = random_image(*FRAME)
+    return lambda: det.predict(frame, threshold=0.)
+
+def time_detectors(dets:dict, warmup:int, runs:int, predict:bool, optimized:bool=False, clock=time.perf_counter) -> dict:
+    "Forward, `predict`, (if `optimized`) optimised-`predict` and (for segmentation models) 1280×720 `predict` median latency in ms of each detector in `dets`."
     inputs = {k: torch.randn(1, 3, d.model.resolution, d.model.resolution) for k, d in dets.items()}
     with torch.inference_mode():
-        fwd = median_times({k: (lambda d=d, x=inputs[k]: d.model.model.eval()(x)) for k, d in dets.items()}, warmup, runs)
+        fwd = median_times({k: (lambda d=d, x=inputs[k]: d.model.model.eval()(x)) for k, d in dets.items()}, warmup, runs, clock)
     out = {k: {'forward_ms': v * 1e3} for k, v in fwd.items()}
-    img = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
+    img = random_image(480, 640)
     predicts = {k: (lambda d=d: d.predict(img, threshold=0.5)) for k, d in dets.items()}
     settings = ({'predict_ms': None} if predict else {}) | (OPTIMIZED if optimized else {})
     for key, opt in settings.items():
@@ -109,9 +122,18 @@ def time_detectors(dets:dict, warmup:int, runs:int, predict:bool, optimized:bool
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', torch.jit.TracerWarning)   # the reference's tracing is chatty
                 for d in dets.values(): d.inference(**opt)                 # replaces the previous optimised copy
-        for k, v in median_times(predicts, warmup, runs).items(): out[k][key] = v * 1e3
+        for k, v in median_times(predicts, warmup, runs, clock).items(): out[k][key] = v * 1e3
     for d in dets.values(): d.remove_optimized_model()
+    if predict and all(d.model_config.segmentation_head for d in dets.values()):
+        frames = {k: predict_frame(d) for k, d in dets.items()}
+        for k, v in median_times(frames, warmup, runs, clock).items(): out[k]['predict_720p_ms'] = v * 1e3
     return out
+
+# %% ../nbs/17_benchmark.ipynb #s02
+def predict_peak_mb(impl:str, size:str, weights) -> float:
+    "Peak memory growth (MiB) of two 1280×720 `predict_frame` calls (every detection and its mask kept) of a freshly built detector."
+    run = predict_frame(build_detector(impl, size, weights))
+    return peak_growth_mb(lambda: [len(run()) for _ in range(2)])
 
 # %% ../nbs/17_benchmark.ipynb #c020
 def onnx_files(size:str, weights, folder, reference:bool=True) -> dict[str, Path]:
@@ -136,7 +158,8 @@ def openvino_files(path) -> dict[str, Path]:
         return {f'ov_{q}': export_openvino(path, q, calibration_inputs(None, shape, 8) if q == 'int8' else None, verbose=False)
                 for q in ('fp32', 'bf16', 'int8')}
 
-def time_onnx(size:str, weights, folder, warmup:int, runs:int, threads:int=2, reference:bool=True, openvino:bool=False) -> dict:
+def time_onnx(size:str, weights, folder, warmup:int, runs:int, threads:int=2, reference:bool=True, openvino:bool=False,
+              clock=time.perf_counter) -> dict:
     "Median ms of a batch-1 forward: ONNX Runtime on each of `onnx_files` (OpenVINO on `openvino_files`) and the reference's eager PyTorch, in turns."
     files = onnx_files(size, weights, folder, reference)
     R = variant_config(size).resolution
@@ -150,7 +173,7 @@ def time_onnx(size:str, weights, folder, warmup:int, runs:int, threads:int=2, re
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.inference_mode(): t = median_times(fns, warmup, runs)
+        with torch.inference_mode(): t = median_times(fns, warmup, runs, clock)
     finally: torch.set_num_threads(prev)
     return {k: v * 1e3 for k, v in t.items()}
 
@@ -172,13 +195,21 @@ def onnx_profile(path, runs:int=3, threads:int=2) -> dict[str, float]:
     return dict(ms.most_common())
 
 # %% ../nbs/17_benchmark.ipynb #c028
-def train_batches(n:int, bs:int, resolution:int, num_slots:int, seed:int=0) -> list[tuple]:
-    "`n` random training batches `(x [bs,3,R,R], targets)`: each image with 2–9 boxes, labels below `num_slots`."
+def box_masks(boxes:torch.Tensor, resolution:int) -> torch.Tensor:
+    "Masks `[N,R,R]` (bool) filling the normalised cxcywh `boxes` `[N,4]`: an object's pixels for the mask loss."
+    x0, y0, x1, y1 = xyxy(boxes).unbind(-1)                                    # [N] each
+    c = (torch.arange(resolution) + .5) / resolution                           # [R] pixel centres
+    inside = lambda lo, hi: (c >= lo[:, None]) & (c < hi[:, None])             # [N,R]
+    return inside(y0, y1)[:, :, None] & inside(x0, x1)[:, None, :]             # [N,R,R]
+
+def train_batches(n:int, bs:int, resolution:int, num_slots:int, seed:int=0, masks:bool=False) -> list[tuple]:
+    "`n` random training batches `(x [bs,3,R,R], targets)`: each image with 2–9 boxes (with `masks`, each box's mask), labels below `num_slots`."
     g = torch.Generator().manual_seed(seed)
     def target():
         k = int(torch.randint(2, 10, (1,), generator=g))
         boxes = torch.cat([torch.rand(k, 2, generator=g) * .6 + .2, torch.rand(k, 2, generator=g) * .3 + .05], -1)  # cxcywh
-        return {'boxes': boxes, 'labels': torch.randint(0, num_slots, (k,), generator=g)}
+        t = {'boxes': boxes, 'labels': torch.randint(0, num_slots, (k,), generator=g)}
+        return t | ({'masks': box_masks(boxes, resolution)} if masks else {})
     return [(torch.randn(bs, 3, resolution, resolution, generator=g), [target() for _ in range(bs)]) for _ in range(n)]
 
 def our_optimizer(model:LWDETR) -> ScaledAdamW:
@@ -188,14 +219,16 @@ def our_optimizer(model:LWDETR) -> ScaledAdamW:
     return ScaledAdamW(scaled_param_groups(model, lr, tc.weight_decay, **recipe), lr=lr, wd=tc.weight_decay)
 
 def reference_criterion(cfg:ModelConfig):
-    "The reference's `HungarianMatcher` + `SetCriterion` as its trainer builds them: a function `(outputs, targets) -> total loss`."
+    "The reference's `HungarianMatcher` + `SetCriterion` as its trainer builds them (with its mask terms and costs for a segmentation `cfg`): a function `(outputs, targets) -> total loss`."
     from rfdetr.models.matcher import HungarianMatcher
     from rfdetr.models.criterion import SetCriterion
-    weights = {'loss_ce': 1., 'loss_bbox': 5., 'loss_giou': 2.}
-    for s in [f'_{i}' for i in range(cfg.dec_layers - 1)] + ['_enc']: weights |= {f'{k}{s}': weights[k] for k in list(weights)[:3]}
-    crit = SetCriterion(cfg.num_classes + 1, HungarianMatcher(cost_class=2., cost_bbox=5., cost_giou=2., focal_alpha=.25),
-                        weight_dict=weights, focal_alpha=.25, losses=['labels', 'boxes', 'cardinality'],
-                        group_detr=cfg.group_detr, ia_bce_loss=True)
+    seg = cfg.segmentation_head                    # `SegmentationTrainConfig`: mask CE and Dice 5, 16 points per mask
+    layer = {'loss_ce': 1., 'loss_bbox': 5., 'loss_giou': 2.} | ({'loss_mask_ce': 5., 'loss_mask_dice': 5.} if seg else {})
+    weights = {k + s: w for s in ['', *(f'_{i}' for i in range(cfg.dec_layers - 1)), '_enc'] for k, w in layer.items()}
+    mask_costs = dict(cost_mask_ce=5., cost_mask_dice=5., mask_point_sample_ratio=16) if seg else {}
+    crit = SetCriterion(cfg.num_classes + 1, HungarianMatcher(cost_class=2., cost_bbox=5., cost_giou=2., focal_alpha=.25, **mask_costs),
+                        weight_dict=weights, focal_alpha=.25, losses=['labels', 'boxes', 'cardinality'] + (['masks'] if seg else []),
+                        group_detr=cfg.group_detr, ia_bce_loss=True, mask_point_sample_ratio=16)
     return lambda outputs, targets: sum(weights[k] * v for k, v in crit(outputs, targets).items() if k in weights)
 
 def reference_optimizer(det) -> torch.optim.Optimizer:
@@ -213,7 +246,7 @@ def training_step(model, loss_func, opt, clip:float=0.1, dtype=None):
     def step(x, targets):
         with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model.train()(x)
-        loss = loss_func(out, targets)
+        loss = loss_func(to_float(out) if dtype else out, targets)   # float32 outputs, as `DeviceMixedPrecision` hands them on
         opt.zero_grad(); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
@@ -239,7 +272,7 @@ def time_training(size:str, weights, warmup:int, runs:int, batch_size:int=2, ref
                   clock=time.perf_counter) -> dict:
     "Median ms of one training step of each of `train_settings`, in turns on the same batches: {impl: {measure: ms}}."
     cfg = variant_config(size)
-    batches = train_batches(4, batch_size, cfg.resolution, cfg.num_classes + 1)
+    batches = train_batches(4, batch_size, cfg.resolution, cfg.num_classes + 1, masks=cfg.segmentation_head)
     steps = {k: train_step_of(k[0], size, weights, dt) for k, dt in train_settings(reference).items()}
     fns = {k: (lambda s=s, it=itertools.cycle(batches): s(*next(it))) for k, s in steps.items()}
     out = {}
@@ -251,7 +284,7 @@ def train_peak_mb(impl:str, size:str, weights, bf16:bool=False, batch_size:int=2
     bf16, batch_size = bf16 in (True, 'True'), int(batch_size)                 # arguments may come as text
     step = train_step_of(impl, size, weights, torch.bfloat16 if bf16 else None)
     cfg = variant_config(size)
-    batches = train_batches(2, batch_size, cfg.resolution, cfg.num_classes + 1)
+    batches = train_batches(2, batch_size, cfg.resolution, cfg.num_classes + 1, masks=cfg.segmentation_head)
     return peak_growth_mb(lambda: [step(*b) for b in batches])
 
 # %% ../nbs/17_benchmark.ipynb #c033
@@ -280,44 +313,48 @@ def report(name:str, ours:float, ref:float|None, unit:str, against:str='referenc
     return line + (f"   {against} {ref:9.1f} {unit}   ratio {ours / ref:5.2f}" if ref else "")
 
 @call_parse
-def main(model:str=None,          # variant: nano, small, medium, large, base or large-deprecated (default: small; nano with --train)
+def main(model:str=None,          # variant: nano, small, medium, large, base, large-deprecated, seg-nano, seg-small, … (default: small; nano with --train)
          runs:int=10,             # timed runs (median reported)
          warmup:int=3,            # untimed runs first
          threads:int=None,        # torch threads (default: torch's choice)
          predict:bool=True,       # time `predict()` end to end on a 640×480 image (`--no-predict`: skip it)
          optimized:bool=False,    # also time `predict()` after `inference()`: float32 traced, and bfloat16 traced
-         memory:bool=False,       # also measure forward peak memory (fresh processes)
-         onnx:bool=False,         # also time ONNX Runtime (2 threads): our float32 and int8 files, the reference's ONNX file
-         openvino:bool=False,     # also time OpenVINO (2 threads): our ONNX file as float32, bfloat16 and int8 IR, with --onnx's files
+         memory:bool=False,       # also measure forward (and a seg model's 1280×720 `predict`) peak memory (fresh processes)
+         onnx:bool=False,         # also time ONNX Runtime (2 threads, or --threads): our float32 and int8 files, the reference's ONNX file
+         openvino:bool=False,     # also time OpenVINO (2 threads, or --threads): our ONNX file as float32, bfloat16 and int8 IR, with --onnx's files
          train:bool=False,        # time a training step instead (with --memory: its peak memory); see the notebook
          batch_size:int=2,        # training batch size (--train)
-         cpu_time:bool=False,     # time --train by process CPU time, not wall time (for a loaded machine; with --threads 1)
+         cpu_time:bool=False,     # time by process CPU time, not wall time (for a loaded machine; with --threads 1)
          reference:bool=True,     # compare with the reference rfdetr when installed (`--no-reference`: ours only)
          json_out:str=None):      # write the results as JSON to this file
     "Time rfdetr_nb (and the reference rfdetr) on the same random weights."
     model = model or ('nano' if train else 'small')
     size = model if model.startswith('rfdetr-') else f'rfdetr-{model}'
-    if size not in VARIANT_CONFIGS: raise SystemExit(f"Unknown model {model!r}; use one of {list(VARIANT_CONFIGS)}.")
+    known = [*VARIANT_CONFIGS, *SEG_VARIANT_CONFIGS]
+    if size not in known: raise SystemExit(f"Unknown model {model!r}; use one of {[k.removeprefix('rfdetr-') for k in known]}.")
     if threads: torch.set_num_threads(threads)
     use_ref = reference and reference_available()
     if train: return train_main(size, runs, warmup, memory, batch_size, cpu_time, use_ref, json_out)
+    clock = time.process_time if cpu_time else time.perf_counter
     print(f"{size} @ {variant_config(size).resolution}px, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {runs} after {warmup} warm-up" + ("" if use_ref else " (reference rfdetr not installed)"))
+          f"median {'CPU' if cpu_time else 'wall'} time of {runs} after {warmup} warm-up" + ("" if use_ref else " (reference rfdetr not installed)"))
     with tempfile.TemporaryDirectory() as d:
         w = random_checkpoint(size, Path(d) / 'weights.pth')
         res = time_detectors({impl: build_detector(impl, size, w) for impl in (['ours', 'reference'] if use_ref else ['ours'])},
-                             warmup, runs, predict, optimized)
+                             warmup, runs, predict, optimized, clock)
         if memory:
             for impl in res: res[impl]['forward_peak_mb'] = forward_peak_mb_subprocess(impl, size, w)
-        if onnx or openvino: ort = time_onnx(size, w, d, warmup, runs, threads=2, reference=use_ref, openvino=openvino)
+            if predict and variant_config(size).segmentation_head:
+                for impl in res: res[impl]['predict_720p_peak_mb'] = peak_mb_subprocess('predict_peak_mb', impl, size, w)
+        if onnx or openvino: ort = time_onnx(size, w, d, warmup, runs, threads or 2, use_ref, openvino, clock)
     for key in res['ours']:
         print(report(key, res['ours'][key], res.get('reference', {}).get(key), 'MiB' if key.endswith('_mb') else 'ms'))
     if onnx:
-        print("ONNX Runtime, 2 threads, in turns with the reference's eager forward (2 threads):")
+        print(f"ONNX Runtime, {threads or 2} threads, in turns with the reference's eager forward (same threads):")
         print(report('ort_fp32 / ref ORT', ort['ort_fp32'], ort.get('reference_ort_fp32'), 'ms'))
         print(report('ort_int8 / ref eager', ort['ort_int8'], ort.get('reference_forward'), 'ms'))
     if openvino:
-        print("OpenVINO, 2 threads, in the same turns:")
+        print(f"OpenVINO, {threads or 2} threads, in the same turns:")
         print(report('ov_fp32 / our ORT fp32', ort['ov_fp32'], ort['ort_fp32'], 'ms', against='our ORT'))
         for q in ('fp32', 'bf16', 'int8'): print(report(f'ov_{q} / ref eager', ort[f'ov_{q}'], ort.get('reference_forward'), 'ms'))
     if onnx or openvino: res['onnx'] = ort

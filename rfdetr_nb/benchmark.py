@@ -20,7 +20,7 @@ from .checkpoint import random_checkpoint
 from .api import detector_class
 from .export import OpenVinoPredictor, calibration_inputs, export_openvino, onnx_session, quantize_onnx, read_metadata
 from .loss import DetrLoss, xyxy
-from .learner import ScaledAdamW, scaled_param_groups, training_recipe, cpu_has_bf16
+from .training import ScaledAdamW, scaled_param_groups, training_recipe, cpu_has_bf16
 
 # %% auto #0
 __all__ = ['OPTIMIZED', 'FRAME', 'TRAIN_SETTINGS', 'median_times', 'build_detector', 'reference_available', 'rss_mb',

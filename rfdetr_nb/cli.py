@@ -233,7 +233,7 @@ def train_command(args:argparse.Namespace):
     if args.from_scratch and args.resume: raise UsageError("--resume continues a run with its own weights and learning rates: drop --from-scratch.")
     if args.resume and not Path(args.resume).is_file(): raise UsageError(f"Checkpoint {args.resume} does not exist.")
     from rfdetr_nb.data import detect_layout
-    from rfdetr_nb.learner import output_folder
+    from rfdetr_nb.runs import output_folder
     usage_checked(detect_layout, args.dataset); usage_checked(output_folder, args.out)   # before any model or data is built
     if args.resume and not args.weights:
         from rfdetr_nb.api import RFDETR

@@ -5,8 +5,10 @@ import pytest
 import torch
 from rfdetr_nb.config import tiny_config
 from rfdetr_nb.data import synthetic_shapes, rfdetr_dls, COCO_JSON
-from rfdetr_nb.learner import rfdetr_learner, LOCK_FILE, TrainingDiverged
-import rfdetr_nb.learner as learner_module
+from rfdetr_nb.learner import rfdetr_learner
+from rfdetr_nb.training import TrainingDiverged
+from rfdetr_nb.runs import LOCK_FILE
+import rfdetr_nb.runs as runs_module
 from fastai.callback.core import Callback
 
 
@@ -44,14 +46,14 @@ def test_kill_between_history_row_and_state(shapes, tmp_path, monkeypatch):
     file is left): the resume trains epoch 1 again, the history holds each epoch once, the temporary file is gone,
     and the run ends as one that was never stopped."""
     straight = fit(learner(shapes, tmp_path / 'straight'), 2)
-    out, real_save, saves = tmp_path / 'killed', learner_module.atomic_save, []
+    out, real_save, saves = tmp_path / 'killed', runs_module.atomic_save, []
     def dying_save(obj, path):
         if path.name == 'last.pth' and len(saves) == 1:                    # the second epoch's state
             (path.parent / '.last.pth.0badc0de.tmp').write_bytes(b'PK\x03\x04 half a file')
             raise KeyboardInterrupt                                         # a kill: no cleanup runs
         if path.name == 'last.pth': saves.append(path)
         real_save(obj, path)
-    monkeypatch.setattr(learner_module, 'atomic_save', dying_save)
+    monkeypatch.setattr(runs_module, 'atomic_save', dying_save)
     with pytest.raises(KeyboardInterrupt): fit(learner(shapes, out), 2)
     monkeypatch.undo()
     assert epochs_in_history(out) == ['0', '1'] and torch.load(out / 'last.pth', weights_only=True)['epoch'] == 0

@@ -10,7 +10,8 @@ from rfdetr_nb.config import tiny_config
 from rfdetr_nb.model import LWDETR
 from rfdetr_nb.data import synthetic_shapes, rfdetr_dls
 from rfdetr_nb.api import detector_class
-from rfdetr_nb.learner import param_groups, training_recipe, ema_decay, ema_update_, rfdetr_learner
+from rfdetr_nb.training import param_groups, training_recipe, ema_decay, ema_update_
+from rfdetr_nb.learner import rfdetr_learner
 from fastai.callback.core import Callback, CancelFitException
 
 

@@ -555,8 +555,9 @@ def file_mb(path) -> float:
     return sum(p.stat().st_size for p in ((path, path.with_suffix('.bin')) if path.suffix == '.xml' else (path,))) / 1e6
 
 def export_accuracy(rf:RFDETR, dataset_dir, folder, split:str='valid', calibration_split:str='train', max_images:int=100):
-    "COCO mAP of `rf` on `split` in PyTorch (float32, bfloat16) and exported to ONNX (float32, int8), TFLite (float32, float16, int8) and OpenVINO (float32, bfloat16, int8)."
-    dataset = load_dataset(dataset_dir, split)
+    "COCO mAP (and mask mAP for a Seg model) of `rf` on `split` in PyTorch (float32, bfloat16) and exported to ONNX (float32, int8), TFLite (float32, float16, int8) and OpenVINO (float32, bfloat16, int8)."
+    masks = rf.model.model.cfg.segmentation_head
+    dataset = load_dataset(dataset_dir, split, masks=masks)
     cal = Path(dataset_dir) / calibration_split
     kw = dict(quantization='int8', calibration_data=cal, max_images=max_images, verbose=False)
     int8 = rf.export(Path(folder) / 'onnx', **kw)
@@ -572,7 +573,9 @@ def export_accuracy(rf:RFDETR, dataset_dir, folder, split:str='valid', calibrati
     try: rows['PyTorch bfloat16'] = score(rf.optimize_for_inference(compile=False, dtype='bfloat16'))
     finally: rf.remove_optimized_model()
     sizes = {name: file_mb(p.path) for name, p in paths.items() if hasattr(p, 'path')}
-    table = pd.DataFrame({name: {'mAP': r['map'], 'mAP50': r['map50'], 'MB': sizes.get(name)} for name, r in rows.items()}).T
-    table['Δ mAP (points)'] = 100 * (table['mAP'] - table.loc['PyTorch float32', 'mAP'])
+    keys = {'mAP': 'map', 'mAP50': 'map50'} | ({'mask mAP': 'mask_map', 'mask mAP50': 'mask_map50'} if masks else {})
+    table = pd.DataFrame({name: {**{k: r[v] for k, v in keys.items()}, 'MB': sizes.get(name)} for name, r in rows.items()}).T
+    for k in keys:
+        if 'mAP50' not in k: table[f'Δ {k} (points)'] = 100 * (table[k] - table.loc['PyTorch float32', k])
     return table
 

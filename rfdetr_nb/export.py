@@ -7,6 +7,7 @@ Docs: https://rfdetr-nb.github.io/rfdetr_nb/export.html.md"""
 # %% ../nbs/15_export.ipynb #c002
 from __future__ import annotations
 import contextlib, copy, json, logging, os, shutil, tempfile, time, warnings
+from importlib.metadata import version
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,6 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 import supervision as sv
 from fastcore.basics import patch
-from . import __version__
 from .config import EXPORT_FORMATS, QUANTIZATIONS, check_positive_int
 from .backbone import fast_kernels
 from .model import PostProcess
@@ -85,7 +85,7 @@ def export_metadata(rf:RFDETR, shape:tuple[int, int], backbone_only:bool=False, 
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', 'The checkpoint has no class names', UserWarning)   # predict says it already
         names = rf.class_id_names
-    meta = dict(producer=f'rfdetr_nb {__version__}', model_name=type(rf).__name__, model_size=rf.size, resolution=cfg.resolution,
+    meta = dict(producer=f"rfdetr_nb {version('rfdetr_nb')}", model_name=type(rf).__name__, model_size=rf.size, resolution=cfg.resolution,
                 input_shape=list(shape), patch_size=cfg.patch_size, num_windows=cfg.num_windows, num_classes=cfg.num_classes,
                 num_queries=cfg.num_queries, num_select=cfg.num_select, class_ids=list(names), class_names=list(names.values()),
                 backbone_only=backbone_only, dynamic_batch=dynamic_batch, segmentation=cfg.segmentation_head and not backbone_only)

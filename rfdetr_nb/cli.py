@@ -244,6 +244,6 @@ def train_command(args:argparse.Namespace):
     learn = rf.train(dataset_dir=str(args.dataset), epochs=args.epochs, batch_size=args.batch_size,
                      grad_accum_steps=args.grad_accum_steps, output_dir=str(args.out), **given)
     final = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1])) if learn.recorder.values else {}
-    scores = ', '.join(f"{k} {final[k]:.3f}" for k in ('mAP', 'mAP50') if k in final)
+    scores = ', '.join(f"{k} {final[k]:.3f}" for k in ('mAP', 'mAP50', 'mask_mAP', 'mask_mAP50') if k in final)
     print(f"Trained {type(rf).__name__} for {args.epochs} epoch(s){': last epoch ' + scores if scores else ''}; "
           f"checkpoints in {Path(args.out).resolve()}")

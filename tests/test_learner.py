@@ -244,3 +244,15 @@ def test_seg_model_needs_masks(shapes, tmp_path):
     "A segmentation model given DataLoaders without masks is refused before anything trains, saying how to fix it."
     with pytest.raises(ValueError, match=r'masks=True'):
         rfdetr_learner(dls_of(shapes), tiny_config(num_classes=3, segmentation_head=True), output_dir=tmp_path)
+
+
+def test_cli_trains_a_seg_model(tmp_path, capsys):
+    "`rfdetr-nb train --model seg-nano` reads the masks, trains the mask head and reports box and mask mAP."
+    from rfdetr_nb.cli import main
+    seed_all()
+    data = synthetic_shapes(tmp_path / 'data', n_train=2, n_valid=1, size=72, seed=0, masks=True)
+    main(['train', str(data), '--model', 'seg-nano', '--from-scratch', '--epochs', '1', '--batch-size', '2',
+          '--resolution', '72', '--out', str(tmp_path / 'out')])
+    out = capsys.readouterr().out
+    assert 'Trained RFDETRSegNano for 1 epoch(s)' in out and 'mask_mAP50' in out, out[-500:]
+    assert rfdetr_nb.RFDETR.from_checkpoint(tmp_path / 'out' / 'checkpoint_best_total.pth').model.model.cfg.segmentation_head

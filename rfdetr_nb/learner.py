@@ -166,28 +166,27 @@ def rfdetr_learner(dls, model='nano', pretrain_weights=None, output_dir='output'
     _check_masks(cfg, dls)
     started = checkpoint_args(resume_checkpoint(resume, rf.model.model)) if resume else {}   # the resumed run's settings
     pretrained = started.get('pretrained', bool(rf.model_config.pretrain_weights))
-    rates = recipe.learning_rates(pretrained, started)
+    rates, mask = recipe.learning_rates(pretrained, started), recipe.mask_coef(pretrained, started)
     base_lr, wd = rates.pop('lr'), recipe.weight_decay
     sizes = (getattr(dls, 'scales', None) or multi_scale_sizes(cfg.resolution, cfg.block_size)) if recipe.multi_scale else [cfg.resolution]
     for s in sizes: check_image_size('the training size', s, cfg.block_size)
     run_args = dict(lr=base_lr, **rates, pretrained=pretrained, weight_decay=wd, use_ema=recipe.ema, ema_decay=recipe.ema_decay,
                     ema_tau=recipe.ema_tau, clip_max_norm=recipe.clip_max_norm, multi_scale=recipe.multi_scale,
                     grad_accum_steps=recipe.grad_accum_steps, batch_size=dls.train.bs, output_dir=str(output_dir),
-                    **(dict(mask_ce_loss_coef=recipe.mask_coef(pretrained), mask_dice_loss_coef=recipe.mask_coef(pretrained)) if cfg.segmentation_head else {}),
+                    **(dict(mask_ce_loss_coef=mask, mask_dice_loss_coef=mask) if cfg.segmentation_head else {}),
                     dataset_dir=str(getattr(dls, 'path', '')))
     if resume is None and (output_dir/'last.pth').exists():
         warnings.warn(f"{output_dir} holds an earlier run (last.pth): this run replaces its checkpoints and history. To "
                       f"continue it pass resume={str(output_dir/'last.pth')!r}; to keep it, choose another output folder.")
     monitor = _monitor(dls, cfg.segmentation_head)
     evaluator = COCOEvaluator(dls.gt_datasets['valid'], cfg.num_select, masks=cfg.segmentation_head) if hasattr(dls, 'gt_datasets') else None
-    r = recipe
+    r = recipe                                                                # short for the list below
     callbacks = [GlobalStep(), MultiScaleResize(sizes), StopOnNonFinite(), TrainingCSVLogger(append=resume is not None),
                  SaveCheckpoints(rf, output_dir, monitor, run_args, notes), evaluator,
                  GradientClip(r.clip_max_norm) if r.clip_max_norm else None, ModelEMA(r.ema_decay, r.ema_tau) if r.ema else None,
                  _mixed_precision_cb(r.mixed_precision, device), AccumulateGradients(r.grad_accum_steps) if r.grad_accum_steps != 1 else None,
                  EarlyStoppingCallback(monitor, np.less if monitor == 'valid_loss' else np.greater, 0.001, r.early_stopping) if r.early_stopping else None,
                  tensorboard_callback(output_dir/'tensorboard') if r.tensorboard else None, ResumeTraining(resume) if resume else None]
-    mask = recipe.mask_coef(pretrained)
     loss = DetrLoss(cfg, mask_ce_loss_coef=mask, mask_dice_loss_coef=mask, set_cost_mask_ce=mask, set_cost_mask_dice=mask)
     learn = DetectionLearner(dls, rf.model.model, loss_func=loss, opt_func=partial(ScaledAdamW, wd=wd), lr=base_lr,
                              splitter=partial(scaled_param_groups, lr=base_lr, weight_decay=wd, **rates), wd=wd,

@@ -76,9 +76,10 @@ class Recipe:
         names = ('lr', 'lr_encoder', 'lr_vit_layer_decay', 'lr_component_decay')
         return training_recipe(pretrained, **{k: started.get(k) if getattr(self, k) is None else getattr(self, k) for k in names})
 
-    def mask_coef(self, pretrained:bool) -> float:
-        "The weight of the mask terms: given, else the reference's 5 for pretrained weights and 0.5 from scratch (see below)."
-        return self.mask_loss_coef if self.mask_loss_coef is not None else 5. if pretrained else 0.5
+    def mask_coef(self, pretrained:bool, started:dict|None=None) -> float:
+        "The weight of the mask terms: given, else a resumed run's, else the reference's 5 for pretrained weights and 0.5 from scratch (see below)."
+        if self.mask_loss_coef is not None: return self.mask_loss_coef
+        return (started or {}).get('mask_ce_loss_coef', 5. if pretrained else 0.5)
 
     def check(self, n_batches:int):
         "Raise on a setting that cannot train: non-finite or negative numbers, more accumulation steps than the `n_batches` of an epoch."

@@ -60,6 +60,14 @@ def seg_detector():
     torch.manual_seed(0)
     return tiny_detector(num_classes=3, segmentation_head=True)
 
+def seg_calibration() -> np.ndarray:
+    "Four random images at the export shape, `N×H×W×3` floats in [0, 1]: int8 calibration data for the seg model."
+    return np.random.default_rng(0).random((4, *SEG_SHAPE, 3), dtype=np.float32)
+
+def seg_input() -> np.ndarray:
+    "One random network input `[1,3,H,W]` at the export shape."
+    return np.random.default_rng(2).standard_normal((1, 3, *SEG_SHAPE), dtype=np.float32)
+
 def seg_images() -> list[np.ndarray]:
     "Two random RGB images of other sizes than the export shape (masks come back at the images' own sizes)."
     rng = np.random.default_rng(0)

@@ -3,8 +3,8 @@
 Runtime, bfloat16 and int8 keeping the detections — and `OpenVinoPredictor` against `OnnxPredictor`."""
 import numpy as np
 import pytest
-from fitted import (SEG_SHAPE, assert_same_segments, fitted_detector, keeps_detections, noisy_scenes, scene, seg_detector,
-                    seg_images)
+from fitted import (SEG_SHAPE, assert_same_segments, fitted_detector, keeps_detections, noisy_scenes, scene, seg_calibration,
+                    seg_detector, seg_images, seg_input)
 from rfdetr_nb.export import (OPENVINO_HINTS, OnnxPredictor, OpenVinoPredictor, export_openvino, onnx_session, openvino_paths,
                               openvino_runtime)
 
@@ -72,8 +72,7 @@ def seg_openvino(tmp_path_factory):
     "A tiny random-weight segmentation model's ONNX file and its three OpenVINO files, at a non-square shape."
     rf = seg_detector()
     d = tmp_path_factory.mktemp('seg_openvino')
-    cal = np.random.default_rng(0).random((4, *SEG_SHAPE, 3), dtype=np.float32)
-    rf.export(d, shape=SEG_SHAPE, format='openvino', quantization='int8', calibration_data=cal, verbose=False)
+    rf.export(d, shape=SEG_SHAPE, format='openvino', quantization='int8', calibration_data=seg_calibration(), verbose=False)
     for q in ('fp32', 'bf16'): export_openvino(d / 'inference_model.onnx', q, verbose=False)
     return rf, d / 'inference_model.onnx', openvino_paths(d / 'inference_model.onnx')
 
@@ -82,7 +81,7 @@ def test_seg_masks_in_every_openvino_file(seg_openvino):
     (measured 99.5%: bfloat16 has 8 bits of mantissa); int8, on random weights, runs with masks of the right shape (≥ 80%
     agree, measured 93%)."""
     _, onnx_path, files = seg_openvino
-    x = np.random.default_rng(2).standard_normal((1, 3, *SEG_SHAPE), dtype=np.float32)
+    x = seg_input()
     want = onnx_session(onnx_path).run(['masks'], {'input': x})[0]
     out = {q: run(f, x, q, ('masks',))['masks'] for q, f in files.items()}
     assert all(m.shape == want.shape == (1, 10, 16, 24) for m in out.values())

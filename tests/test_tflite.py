@@ -9,8 +9,8 @@ from unittest import mock
 import numpy as np
 import pytest
 from PIL import Image
-from fitted import (SEG_SHAPE, assert_same_segments, fitted_detector, keeps_detections, noisy_scenes, scene, scores, seg_detector,
-                    seg_images)
+from fitted import (SEG_SHAPE, assert_same_segments, fitted_detector, keeps_detections, noisy_scenes, scene, scores, seg_calibration,
+                    seg_detector, seg_images, seg_input)
 from rfdetr_nb.export import onnx_layout, onnx_session, run_tflite, tflite_paths, OnnxPredictor, TFLitePredictor
 
 pytest.importorskip('onnx2tf')   # the export extra; .ci/run installs it, so there this never skips
@@ -93,9 +93,8 @@ def seg_tflite(tmp_path_factory):
     "A tiny random-weight segmentation model converted to TFLite at a non-square shape (fp32, fp16, int8), an input and ORT's outputs."
     rf = seg_detector()
     d = tmp_path_factory.mktemp('seg_tflite')
-    cal = np.random.default_rng(0).random((4, *SEG_SHAPE, 3), dtype=np.float32)
-    rf.export(d, shape=SEG_SHAPE, format='tflite', quantization='int8', calibration_data=cal, verbose=False)
-    x = np.random.default_rng(2).standard_normal((1, 3, *SEG_SHAPE), dtype=np.float32)
+    rf.export(d, shape=SEG_SHAPE, format='tflite', quantization='int8', calibration_data=seg_calibration(), verbose=False)
+    x = seg_input()
     want = dict(zip(['dets', 'labels', 'masks'], onnx_session(d / 'inference_model.onnx').run(None, {'input': x})))
     return rf, tflite_paths(d / 'inference_model.onnx'), x, want
 
